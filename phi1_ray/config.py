@@ -1,0 +1,269 @@
+"""Typed configuration shared by every phi1_ray job.
+
+A job's config is a tree of pydantic models. It is built from a YAML file under ``configs/`` plus dotted
+command-line overrides (``model.n_layer=4``) and validated at load time: an unknown key or a bad value raises
+:class:`ConfigError` naming the key and what it accepts.
+
+Model sizes come from named presets (``phi-1``, ``phi-1-small``, ``tiny``); any field of the preset can be
+overridden next to the name::
+
+    model:
+      name: tiny
+      n_layer: 4
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from phi1_ray.errors import ConfigError
+
+AttnImpl = Literal["sdpa", "flash_attn", "eager"]
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's 1.3B model: 24 layers, hidden 2048, MLP 8192, 32 heads of 64.
+    "phi-1": {"n_layer": 24, "n_embd": 2048, "n_inner": 8192, "n_head": 32},
+    # The paper's 350M model.
+    "phi-1-small": {"n_layer": 20, "n_embd": 1024, "n_inner": 4096, "n_head": 16},
+    # A ~1M-parameter model for CPU tests and the demo; small vocab so a CPU step is cheap.
+    "tiny": {
+        "n_layer": 2,
+        "n_embd": 128,
+        "n_inner": 512,
+        "n_head": 2,
+        # the offline tokenizer of phi1_ray.tokenizer: 4096 entries, <|endoftext|> = 0
+        "vocab_size": 4096,
+        "eos_token_id": 0,
+        "bos_token_id": 0,
+    },
+}
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    """Sizes and options of the phi-1 network (Hugging Face ``PhiForCausalLM`` semantics)."""
+
+    name: str | None = None
+    """Preset the other fields start from (``phi-1``, ``phi-1-small``, ``tiny``); None means all fields given."""
+    vocab_size: int = 51200
+    n_layer: int = 24
+    n_embd: int = 2048
+    n_inner: int = 8192
+    n_head: int = 32
+    rotary_dim: int = 32
+    """Rotary embedding on the first ``rotary_dim`` dims of each head (NeoX style); the rest pass through."""
+    rope_theta: float = 10000.0
+    n_positions: int = 2048
+    """Context length."""
+    layer_norm_eps: float = 1e-5
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    attn_impl: AttnImpl = "sdpa"
+    doc_mask: bool = False
+    """Packed rows: positions restart after each EOS and no token attends across a document boundary."""
+    eos_token_id: int = 50256
+    bos_token_id: int = 50256
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is not None:
+            name = data["name"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(MODEL_PRESETS)}")
+            data = {**MODEL_PRESETS[name], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> ModelConfig:
+        positive = ("vocab_size", "n_layer", "n_embd", "n_inner", "n_head", "n_positions")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not (0 < self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"eos_token_id ({self.eos_token_id}) must be < vocab_size ({self.vocab_size})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """``ModelConfig.from_name("phi-1", n_layer=4)``."""
+        return build(cls, {"name": name, **overrides}, where="model")
+
+
+class TokenizerConfig(Section):
+    """Where the tokenizer comes from: a local directory or hub id, or trained offline."""
+
+    path: str | None = None
+    """Directory or Hugging Face hub id (for example ``microsoft/phi-1``); None trains one offline."""
+    vocab_size: int = 4096
+    """Size of a tokenizer trained offline (BPE merges + 256 bytes + special tokens)."""
+    max_train_bytes: int = 8_000_000
+    """Bytes of the embedded corpus (Python's own standard library) used to train one offline."""
+
+
+class SamplingConfig(Section):
+    """Decoding settings shared by the generate job, evaluation and serving."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_k: int = 0
+    """0 disables top-k."""
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingConfig:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = None
+    """None means a file store under the run directory."""
+    experiment: str = "phi1_ray"
+
+
+class PipelineConfig(Section):
+    """The end-to-end job (``jobs/pipeline.py``); stages grow with the project."""
+
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    model: ModelConfig = ModelConfig(name="tiny")
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    prompts: list[str] = ['def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n']
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=48)
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _format_error(err: dict[str, Any], cls: type[BaseModel], where: str) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(([where] if where else []) + loc)
+    if err["type"] == "extra_forbidden":
+        valid = sorted(_fields_at(cls, loc[:-1]))
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{key}: unknown key{hint}; valid keys: {', '.join(valid)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] != "value_error" and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return f"{key or '<root>'}: {msg}"
+
+
+def _fields_at(cls: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = cls.model_fields.get(part)
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+def build(cls: type[C], data: dict[str, Any], where: str = "", source: str | None = None) -> C:
+    """Validate ``data`` as ``cls``; every problem is reported with its dotted key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e, cls, where) for e in exc.errors()]
+        origin = f" in {source}" if source else ""
+        raise ConfigError(f"invalid config{origin}:\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003). Values are read as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads "3e-4" as a string
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` in a nested dict (a copy), creating sections as needed."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load ``cls`` from an optional YAML file plus dotted overrides, validating everything."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return build(cls, data, source=str(path) if path else None)
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """The fully resolved config, as printed at the start of every job."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,17 @@
+"""Exceptions whose message is meant for the user: jobs print them as one line, without a traceback."""
+
+
+class Phi1Error(Exception):
+    """Base of every user-facing phi1_ray error."""
+
+
+class ConfigError(Phi1Error, ValueError):
+    """A config file, key or value is invalid."""
+
+
+class CheckpointError(Phi1Error):
+    """A checkpoint directory is missing, incomplete, corrupt or does not match its config."""
+
+
+class GenerationError(Phi1Error, ValueError):
+    """A generation request cannot be served as asked (for example a prompt longer than the context)."""

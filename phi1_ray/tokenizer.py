@@ -1,0 +1,105 @@
+"""Loading Hugging Face tokenizers, and training a codegen-style byte-level BPE offline.
+
+Real runs use the codegen-350M-mono tokenizer (``microsoft/phi-1``: GPT-2 byte-level BPE plus whitespace-run
+tokens, ``<|endoftext|>`` = 50256). Machines without hub access train a tokenizer of the same kind on the
+embedded corpus (the running interpreter's standard library) with the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from phi1_ray.errors import CheckpointError, ConfigError
+
+EOS = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(path_or_id: str | Path) -> Any:
+    """A ``transformers`` tokenizer from a local directory or a hub id (online)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path_or_id).expanduser()
+    if path.exists() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(path_or_id))
+    except Exception as exc:  # unknown hub id, offline machine, unreadable files
+        raise CheckpointError(f"cannot load a tokenizer from {str(path_or_id)!r}: {str(exc).splitlines()[0]}") from None
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def check_vocab(tokenizer: Any, vocab_size: int) -> None:
+    """The model's embedding must have a row for every token id the tokenizer can emit."""
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise ConfigError(
+            f"tokenizer has {n} tokens but model.vocab_size is {vocab_size}; "
+            f"set model.vocab_size >= {n} (phi-1 pads 50,295 codegen tokens to 51,200)"
+        )
+
+
+def stdlib_python_files() -> list[Path]:
+    """Python source every machine running the project has: the interpreter's standard library, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def read_texts(files: Iterable[Path], max_bytes: int) -> Iterator[str]:
+    """Decoded file contents (invalid UTF-8 replaced), stopping once ``max_bytes`` have been read."""
+    total = 0
+    for path in files:
+        if total >= max_bytes:
+            return
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        total += len(data)
+        text = data.decode("utf-8", errors="replace")
+        if text.strip():
+            yield text
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Any:
+    """Train a codegen-style byte-level BPE and save it where ``AutoTokenizer.from_pretrained`` finds it.
+
+    GPT-2 pre-tokenization and byte alphabet, ``<|endoftext|>`` as EOS/BOS, and codegen's whitespace-run tokens
+    (2-31 spaces, 2-9 tabs) so indentation costs one token.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    whitespace = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+    n_base = vocab_size - len(whitespace)
+    if n_base < 256 + 1:
+        raise ConfigError(f"tokenizer.vocab_size must be >= {256 + 1 + len(whitespace)}, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=n_base,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(w, normalized=False) for w in whitespace])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return load_tokenizer(out)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models with weights random enough that greedy decoding is not degenerate, a tokenizer
+trained offline once per session, and helpers to run the jobs as a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi1_ray.config import ModelConfig
+from phi1_ray.model import Phi1ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_model(seed: int = 0, **overrides) -> Phi1ForCausalLM:
+    """A tiny phi-1 whose weights have std 0.1 (init's 0.02 makes nearly uniform logits and argmax ties)."""
+    torch.manual_seed(seed)
+    fields = {"n_layer": 2, "vocab_size": 512, "eos_token_id": 0, "bos_token_id": 0, **overrides}
+    model = Phi1ForCausalLM(ModelConfig.from_name("tiny", **fields))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" not in name:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    from phi1_ray.tokenizer import read_texts, stdlib_python_files, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    return train_tokenizer(read_texts(stdlib_python_files(), 1_000_000), 512, out)
+
+
+def run_job(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python jobs/...`` the way a user does; the result keeps stdout and stderr."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A bad input ends with exit status 2 and one readable ``error:`` message, not a traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "error:" in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)

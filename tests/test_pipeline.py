@@ -1,0 +1,49 @@
+"""The demo job end to end, as `make demo` runs it, with a smaller tokenizer corpus."""
+
+import json
+
+import mlflow
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from phi1_ray.checkpoint import load_model
+from tests.conftest import run_job
+
+
+def test_demo_pipeline_runs_and_resumes(tmp_path):
+    args = [
+        "jobs/pipeline.py",
+        "--config",
+        "configs/pipeline/demo.yaml",
+        "--run-dir",
+        str(tmp_path),
+        "tokenizer.max_train_bytes=400000",
+        "sampling.max_new_tokens=8",
+    ]
+    first = run_job(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "# resolved config" in first.stdout and "name: tiny" in first.stdout
+    summary = json.loads(first.stdout.split("[pipeline] summary:\n")[1].split("\n[pipeline]")[0])
+    assert summary["parameters"] > 1_000_000 and summary["generated_tokens"] > 0
+
+    records = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["finish_reason"] in ("stop", "length") for r in records)
+
+    # The export is a plain transformers model that agrees with our checkpoint.
+    ours, tokenizer = load_model(tmp_path / "checkpoint")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "hf")) == len(tokenizer)
+    ids = torch.tensor([tokenizer.encode("def f(x):\n    return x\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+    mlflow.set_tracking_uri(summary["mlflow_uri"])
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.params["model.name"] == "tiny"
+    assert run.data.metrics["parameters"] == summary["parameters"]
+
+    second = run_job(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "tokenizer: " in second.stdout and "exists, skipped" in second.stdout
+    assert second.stdout.count("exists, skipped") == 2
+    assert (tmp_path / "completions.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)
