@@ -116,15 +116,110 @@ class ModelConfig(Section):
         return build(cls, {"name": name, **overrides}, where="model")
 
 
+SourceType = Literal["stdlib", "files", "jsonl", "parquet"]
+
+
+class SourceConfig(Section):
+    """One corpus source. ``weight`` is how many times each of its documents is seen per epoch (2.0 twice,
+    0.5 a seeded half)."""
+
+    type: SourceType
+    """``stdlib``: the running interpreter's standard library (no download); ``files``: trees of source/text
+    files, one document per file; ``jsonl`` / ``parquet``: one document per line / row."""
+    paths: list[str] = []
+    """Files or directories, local or any filesystem pyarrow reaches (``s3://``, ``gs://``)."""
+    name: str | None = None
+    weight: float = 1.0
+    text_key: str = "text"
+    prompt_key: str = "prompt"
+    """Finetuning records (``data.format: finetune``): the prompt (signature + docstring) column."""
+    completion_key: str = "completion"
+    extensions: list[str] = [".py"]
+    """``files`` / ``stdlib``: which files of a tree are documents."""
+    max_bytes: int | None = None
+    """Stop adding files once their sizes sum past this (a quick corpus from a big tree)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if self.weight <= 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        if self.type != "stdlib" and not self.paths:
+            raise ValueError(f"a {self.type!r} source needs paths")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.type if not self.paths else f"{self.type}:{self.paths[0]}")
+
+
 class TokenizerConfig(Section):
-    """Where the tokenizer comes from: a local directory or hub id, or trained offline."""
+    """Where the tokenizer comes from: a local directory or hub id, or trained offline on ``sources``."""
 
     path: str | None = None
     """Directory or Hugging Face hub id (for example ``microsoft/phi-1``); None trains one offline."""
     vocab_size: int = 4096
-    """Size of a tokenizer trained offline (BPE merges + 256 bytes + special tokens)."""
-    max_train_bytes: int = 8_000_000
-    """Bytes of the embedded corpus (Python's own standard library) used to train one offline."""
+    """Size of a tokenizer trained offline (BPE merges + 256 bytes + special and whitespace tokens)."""
+    sources: list[SourceConfig] = [SourceConfig(type="stdlib", max_bytes=8_000_000)]
+    """Corpus a tokenizer is trained on."""
+
+
+class DataConfig(Section):
+    """Reading, cleaning, tokenizing and packing a corpus into blocks of ``seq_len + 1`` tokens."""
+
+    sources: list[SourceConfig] = [SourceConfig(type="stdlib")]
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; jobs that train one fill this in."""
+    seq_len: int = 2048
+    format: Literal["pretrain", "finetune"] = "pretrain"
+    """``finetune``: records with prompt/completion columns (CodeExercises)."""
+    loss_on: Literal["all", "completion"] = "all"
+    """Finetuning: loss on every token (the paper) or on completions only (a ``loss_mask`` column)."""
+    val_fraction: float = 0.0
+    """Documents held out for validation, chosen by a seeded hash of (file, line)."""
+    shuffle: bool = False
+    seed: int = 0
+    strict: bool = False
+    """Fail on the first bad line instead of quarantining it."""
+    invalid_utf8: Literal["replace", "drop"] = "replace"
+    doc_boundaries: bool = False
+    """Store each block's document start offsets (``doc_starts``) for document masking."""
+    docs_per_batch: int = 512
+    """Documents per tokenizer call."""
+    tokenizer_actors: int = 1
+    """Tokenizer processes; each uses the fast tokenizer's own threads."""
+    rows_per_shard: int = 4096
+    rows_per_ray_block: int = 256
+    """Packed rows per Ray block: how finely a stream is spread over trainer workers."""
+    bytes_per_read_task: int = 4 << 20
+    """Files are read in groups of about this many bytes, one Ray task each."""
+    quarantine_keep: int = 100_000
+    """Bad lines kept verbatim in quarantine.jsonl; beyond that they are only counted."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.sources:
+            raise ValueError("sources must name at least one source")
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in (
+            "docs_per_batch",
+            "tokenizer_actors",
+            "rows_per_shard",
+            "rows_per_ray_block",
+            "bytes_per_read_task",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        return self
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """None: the cluster this job was submitted to, else a new local instance."""
+    num_cpus: int | None = None
+    """Local instance only: CPUs it may use (default: all)."""
 
 
 class SamplingConfig(Section):
@@ -158,6 +253,25 @@ class MlflowConfig(Section):
     experiment: str = "phi1_ray"
 
 
+class PrepareDataConfig(Section):
+    """``jobs/prepare_data.py``: packed Parquet shards + manifest under ``out`` (default ``run_dir/data``)."""
+
+    run_dir: str = "runs/data"
+    out: str | None = None
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+class TrainTokenizerConfig(Section):
+    """``jobs/train_tokenizer.py``: a codegen-style byte-level BPE trained offline."""
+
+    run_dir: str = "runs/tokenizer"
+    out: str | None = None
+    """Tokenizer directory (default ``run_dir/tokenizer``)."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+
 class PipelineConfig(Section):
     """The end-to-end job (``jobs/pipeline.py``); stages grow with the project."""
 
@@ -165,6 +279,8 @@ class PipelineConfig(Section):
     seed: int = 0
     model: ModelConfig = ModelConfig(name="tiny")
     tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig(sources=[SourceConfig(type="stdlib", max_bytes=4_000_000)], seq_len=256)
+    ray: RayConfig = RayConfig()
     prompts: list[str] = ['def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n']
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=48)
     mlflow: MlflowConfig = MlflowConfig()

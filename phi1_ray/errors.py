@@ -15,3 +15,7 @@ class CheckpointError(Phi1Error):
 
 class GenerationError(Phi1Error, ValueError):
     """A generation request cannot be served as asked (for example a prompt longer than the context)."""
+
+
+class DataError(Phi1Error):
+    """A corpus source is missing, or (in strict mode) a line of it is bad."""

@@ -1,4 +1,4 @@
-"""The end-to-end job behind ``make demo``. Stages so far: tokenizer, model, export, generation.
+"""The end-to-end job behind ``make demo``. Stages so far: tokenizer, data preparation, model, export, generation.
 
 Each stage writes its outputs under ``run_dir`` and is skipped, with a line saying so, when they already exist.
 """
@@ -17,7 +17,7 @@ from phi1_ray.config import PipelineConfig
 from phi1_ray.generate import generate
 from phi1_ray.hf import export_hf
 from phi1_ray.model import Phi1ForCausalLM
-from phi1_ray.tokenizer import check_vocab, load_tokenizer, read_texts, stdlib_python_files, train_tokenizer
+from phi1_ray.tokenizer import check_vocab, load_tokenizer, train_from_sources
 from phi1_ray.tracking import mlflow_run, tracking_uri
 
 
@@ -33,9 +33,17 @@ def stage_tokenizer(cfg: PipelineConfig, run_dir: Path) -> Any:
     if (out / "tokenizer.json").is_file():
         log(f"tokenizer: {out} exists, skipped")
         return load_tokenizer(out)
-    files = stdlib_python_files()
-    log(f"tokenizer: training a {cfg.tokenizer.vocab_size}-entry byte-level BPE on {len(files)} stdlib files")
-    return train_tokenizer(read_texts(files, cfg.tokenizer.max_train_bytes), cfg.tokenizer.vocab_size, out)
+    names = ", ".join(s.label for s in cfg.tokenizer.sources)
+    log(f"tokenizer: training a {cfg.tokenizer.vocab_size}-entry byte-level BPE on {names}")
+    return train_from_sources(cfg.tokenizer.sources, cfg.tokenizer.vocab_size, out)
+
+
+def stage_data(cfg: PipelineConfig, run_dir: Path, tokenizer_path: str) -> dict[str, Any]:
+    from phi1_ray.data.ray_pipeline import init_ray, prepare
+
+    data = cfg.data.model_copy(update={"tokenizer": tokenizer_path})
+    init_ray(cfg.ray)
+    return prepare(data, run_dir / "data", log=log)
 
 
 def stage_model(cfg: PipelineConfig, run_dir: Path, tokenizer: Any) -> tuple[Phi1ForCausalLM, Path]:
@@ -44,7 +52,6 @@ def stage_model(cfg: PipelineConfig, run_dir: Path, tokenizer: Any) -> tuple[Phi
         log(f"model: {out} exists, skipped")
         model, _ = load_model(out)
         return model, out
-    check_vocab(tokenizer, cfg.model.vocab_size)
     torch.manual_seed(cfg.seed)
     eos = tokenizer.eos_token_id
     model_cfg = cfg.model.model_copy(update={"eos_token_id": eos, "bos_token_id": eos})
@@ -62,6 +69,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         import mlflow
 
         tokenizer = stage_tokenizer(cfg, run_dir)
+        check_vocab(tokenizer, cfg.model.vocab_size)
+        manifest = stage_data(cfg, run_dir, cfg.tokenizer.path or str(run_dir / "tokenizer"))
+        mlflow.log_metrics({"data_tokens": manifest["tokens"], "data_blocks": manifest["blocks"]})
         model, ckpt = stage_model(cfg, run_dir, tokenizer)
         hf_dir = export_hf(model, run_dir / "hf", tokenizer)
         log(f"export: Hugging Face directory at {hf_dir}")
@@ -78,6 +88,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         mlflow.log_metrics({"parameters": model.num_parameters(), "generate_tokens_per_s": new_tokens / seconds})
         mlflow.log_artifact(str(run_dir / "completions.jsonl"))
         summary.update(
+            data_documents=manifest["documents"],
+            data_tokens=manifest["tokens"],
+            data_blocks=manifest["blocks"],
+            data_quarantined=manifest["quarantined"],
             parameters=model.num_parameters(),
             checkpoint=str(ckpt),
             hf_export=str(hf_dir),

@@ -7,8 +7,7 @@ embedded corpus (the running interpreter's standard library) with the ``tokenize
 
 from __future__ import annotations
 
-import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +42,6 @@ def check_vocab(tokenizer: Any, vocab_size: int) -> None:
             f"tokenizer has {n} tokens but model.vocab_size is {vocab_size}; "
             f"set model.vocab_size >= {n} (phi-1 pads 50,295 codegen tokens to 51,200)"
         )
-
-
-def stdlib_python_files() -> list[Path]:
-    """Python source every machine running the project has: the interpreter's standard library, sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-
-
-def read_texts(files: Iterable[Path], max_bytes: int) -> Iterator[str]:
-    """Decoded file contents (invalid UTF-8 replaced), stopping once ``max_bytes`` have been read."""
-    total = 0
-    for path in files:
-        if total >= max_bytes:
-            return
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        total += len(data)
-        text = data.decode("utf-8", errors="replace")
-        if text.strip():
-            yield text
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Any:
@@ -103,3 +80,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
     return load_tokenizer(out)
+
+
+def train_from_sources(sources: list[Any], vocab_size: int, out_dir: str | Path) -> Any:
+    """Train on the documents of corpus ``sources`` (see :class:`phi1_ray.config.SourceConfig`), in order."""
+    from phi1_ray.data.read import iter_texts
+
+    return train_tokenizer(iter_texts(sources), vocab_size, out_dir)

@@ -31,10 +31,25 @@ def random_model(seed: int = 0, **overrides) -> Phi1ForCausalLM:
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    from phi1_ray.tokenizer import read_texts, stdlib_python_files, train_tokenizer
+    from phi1_ray.config import SourceConfig
+    from phi1_ray.tokenizer import train_from_sources
 
     out = tmp_path_factory.mktemp("tokenizer")
-    return train_tokenizer(read_texts(stdlib_python_files(), 1_000_000), 512, out)
+    return train_from_sources([SourceConfig(type="stdlib", max_bytes=1_000_000)], 512, out)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session. 4 logical CPUs on 2 cores, so a 2-worker TorchTrainer
+    and the data pipeline's actors fit at once."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
 
 
 def run_job(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -17,7 +17,8 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
         "configs/pipeline/demo.yaml",
         "--run-dir",
         str(tmp_path),
-        "tokenizer.max_train_bytes=400000",
+        "tokenizer.sources=[{type: stdlib, max_bytes: 400000}]",
+        "data.sources=[{type: stdlib, max_bytes: 300000}]",
         "sampling.max_new_tokens=8",
     ]
     first = run_job(*args)
@@ -25,6 +26,9 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     assert "# resolved config" in first.stdout and "name: tiny" in first.stdout
     summary = json.loads(first.stdout.split("[pipeline] summary:\n")[1].split("\n[pipeline]")[0])
     assert summary["parameters"] > 1_000_000 and summary["generated_tokens"] > 0
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["tokens"] == summary["data_tokens"] > 50_000
+    assert set(manifest["splits"]) == {"train", "val"} and manifest["block_len"] == 257
 
     records = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["finish_reason"] in ("stop", "length") for r in records)
@@ -45,5 +49,5 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     second = run_job(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "tokenizer: " in second.stdout and "exists, skipped" in second.stdout
-    assert second.stdout.count("exists, skipped") == 2
+    assert second.stdout.count("exists, skipped") == 3
     assert (tmp_path / "completions.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)

@@ -1,0 +1,406 @@
+"""The data pipeline on Ray Data: read + clean (tasks), tokenize (actors), pack (one actor), then either stream
+into Ray Train or write Parquet shards with a manifest.
+
+The only module that calls Ray Data. Order is preserved end to end, so with shuffle off the blocks are the
+corpus's documents in order, cut into ``seq_len + 1`` tokens; quarantined lines and counters are gathered by a
+small stats actor.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import SaveMode
+from ray.data.datasource import FilenameProvider
+
+from phi1_ray.config import DataConfig, RayConfig
+from phi1_ray.data.pack import DocumentTokenizer, Packer, blocks_table, table_to_blocks, tokenizer_fingerprint
+from phi1_ray.data.read import FileEntry, ReadReport, copies, list_files, read_file, split_of
+from phi1_ray.errors import DataError, Phi1Error
+from phi1_ray.tokenizer import load_tokenizer
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Join the cluster this job was submitted to (or ``cfg.address``), else start a local instance."""
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    if cfg.address:
+        kwargs["address"] = cfg.address
+    elif cfg.num_cpus is not None:
+        kwargs["num_cpus"] = cfg.num_cpus
+    ray.init(**kwargs)
+
+
+@ray.remote(num_cpus=0)
+class DataStats:
+    """Counters and quarantined lines reported by the pipeline's tasks and actors."""
+
+    def __init__(self, keep: int) -> None:
+        self.counts: Counter = Counter()
+        self.quarantine: list[dict[str, Any]] = []
+        self.keep = keep
+
+    def add(self, counts: dict[str, int], quarantine: list[dict[str, Any]]) -> None:
+        self.counts.update(counts)
+        self.quarantine.extend(quarantine[: max(0, self.keep - len(self.quarantine))])
+
+    def snapshot(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        return dict(self.counts), list(self.quarantine)
+
+
+def _read_groups(
+    batch: dict[str, np.ndarray], cfg_json: str, split: str, stats: Any, count_reads: bool
+) -> Iterator[dict[str, list]]:
+    """Read task: the documents of a group of files that fall in ``split``, repeated by source weight."""
+    cfg = DataConfig.model_validate_json(cfg_json)
+    finetune = cfg.format == "finetune"
+    for group in batch["files"]:
+        report = ReadReport()
+        texts: list[str] = []
+        completions: list[str] = []
+        for item in json.loads(group):
+            entry = FileEntry(**item)
+            source = cfg.sources[entry.source]
+            for doc in read_file(entry, source, cfg, report):
+                if split_of(doc, cfg) != split:
+                    continue
+                for _ in range(copies(doc, source.weight, cfg.seed) if split == "train" else 1):
+                    texts.append(doc.text)
+                    if finetune:
+                        completions.append(doc.completion or "")
+        counts = dict(report.counts) if count_reads else {}
+        counts[f"documents_{split}"] = len(texts)
+        ray.get(stats.add.remote(counts, report.quarantine if count_reads else []))
+        if texts:
+            yield {"text": texts, "completion": completions} if finetune else {"text": texts}
+
+
+class _Tokenize:
+    """Tokenizer actor: one batch of documents in, one row (flat ids + lengths [+ mask]) out."""
+
+    def __init__(self, spec: dict[str, Any], loss_on: str) -> None:
+        self.tokenize = DocumentTokenizer.from_spec(**spec, loss_on=loss_on)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        completions = list(batch["completion"]) if "completion" in batch else None
+        flat, lengths, mask = self.tokenize(list(batch["text"]), completions)
+        columns = {
+            "ids": pa.ListArray.from_arrays([0, len(flat)], pa.array(flat)),
+            "lengths": pa.ListArray.from_arrays([0, len(lengths)], pa.array(lengths)),
+        }
+        if mask is not None:
+            columns["mask"] = pa.ListArray.from_arrays([0, len(mask)], pa.array(mask))
+        return pa.table(columns)
+
+
+class _Pack:
+    """The one packer of a stream: keeps the remainder between batches so blocks follow the stream exactly."""
+
+    def __init__(self, block_len: int, dtype: str, with_mask: bool, doc_starts: bool, stats: Any, split: str) -> None:
+        self.packer = Packer(block_len, np.dtype(dtype), with_mask, doc_starts)
+        self.stats, self.split = stats, split
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        before_tokens, before_blocks = self.packer.tokens_in, self.packer.blocks_out
+        parts = []
+        for row in range(table.num_rows):
+            ids = table.column("ids")[row].values.to_numpy(zero_copy_only=False)
+            lengths = table.column("lengths")[row].values.to_numpy(zero_copy_only=False)
+            mask = (
+                table.column("mask")[row].values.to_numpy(zero_copy_only=False)
+                if "mask" in table.schema.names
+                else None
+            )
+            blocks = self.packer.push(ids, lengths, mask)
+            if len(blocks["tokens"]):
+                parts.append(blocks_table(blocks))
+        counts = {
+            f"tokens_{self.split}": self.packer.tokens_in - before_tokens,
+            f"blocks_{self.split}": self.packer.blocks_out - before_blocks,
+        }
+        ray.get(self.stats.add.remote(counts, []))
+        return pa.concat_tables(parts) if parts else blocks_table(self.packer.empty())
+
+
+def _file_groups(entries: list[FileEntry], group_bytes: int) -> list[dict[str, str]]:
+    groups, current, size = [], [], 0
+    for entry in entries:
+        current.append(entry.__dict__)
+        size += entry.size
+        if size >= group_bytes:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return [{"files": json.dumps(g)} for g in groups]
+
+
+def blocks_dataset(cfg: DataConfig, split: str = "train", stats: Any = None, count_reads: bool = True) -> Any:
+    """A Ray Dataset of packed blocks (``tokens`` list column, plus ``loss_mask`` / ``doc_starts`` when asked).
+
+    Streams lazily: hand it to a ``TorchTrainer`` through ``datasets=`` or write it with :func:`prepare`.
+    """
+    if cfg.tokenizer is None:
+        raise DataError("data.tokenizer is not set: name a tokenizer directory or hub id")
+    entries = list_files(cfg.sources)
+    if not entries:
+        raise DataError(f"the sources hold no files: {', '.join(s.label for s in cfg.sources)}")
+    if cfg.shuffle:
+        random.Random(cfg.seed).shuffle(entries)
+    doc_tokenizer = DocumentTokenizer.from_hf(load_tokenizer(cfg.tokenizer), cfg.loss_on)
+    stats = stats if stats is not None else DataStats.remote(cfg.quarantine_keep)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+    groups = _file_groups(entries, cfg.bytes_per_read_task)
+    ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+    ds = ds.map_batches(
+        _read_groups,
+        batch_size=1,
+        fn_kwargs={"cfg_json": cfg.model_dump_json(), "split": split, "stats": stats, "count_reads": count_reads},
+    )
+    ds = ds.map_batches(
+        _Tokenize,
+        batch_size=cfg.docs_per_batch,
+        concurrency=cfg.tokenizer_actors,
+        fn_constructor_kwargs={"spec": doc_tokenizer.spec(), "loss_on": cfg.loss_on},
+    )
+    ds = ds.map_batches(
+        _Pack,
+        batch_size=None,
+        batch_format="pyarrow",
+        concurrency=1,
+        num_cpus=0,
+        fn_constructor_kwargs={
+            "block_len": cfg.seq_len + 1,
+            "dtype": doc_tokenizer.dtype.name,
+            "with_mask": cfg.format == "finetune" and cfg.loss_on == "completion",
+            "doc_starts": cfg.doc_boundaries,
+            "stats": stats,
+            "split": split,
+        },
+    )
+    if cfg.shuffle:
+        ds = ds.random_shuffle(seed=cfg.seed)
+    # Ray blocks of about cfg.rows_per_ray_block packed rows: the unit that streaming_split hands to a trainer
+    # worker, so small enough to spread a stream over the workers as they pull.
+    ds.context.target_max_block_size = cfg.rows_per_ray_block * (cfg.seq_len + 1) * doc_tokenizer.dtype.itemsize
+    return ds
+
+
+class _TaskNames(FilenameProvider):
+    def __init__(self) -> None:
+        super().__init__(file_format="parquet")
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{task_index:06}"
+
+
+def _shard_order(name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", name))
+
+
+def _data_error(exc: BaseException) -> Phi1Error | None:
+    """The phi1_ray error inside a Ray task failure, if that is what failed."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Phi1Error):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any]:
+    """Tokenize and pack the corpus once into ``out``: Parquet shards per split, ``quarantine.jsonl`` and
+    ``manifest.json`` (written last: a directory with a manifest is complete)."""
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    out = str(out)
+    filesystem, root = (
+        pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), str(Path(out).resolve()))
+    )
+    manifest_path = f"{root}/manifest.json"
+    if filesystem.get_file_info(manifest_path).type == pafs.FileType.File:
+        log(f"data: {out}/manifest.json exists, skipped")
+        with filesystem.open_input_stream(manifest_path) as f:
+            return json.loads(f.read())
+    filesystem.create_dir(root, recursive=True)
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if tokenizer is None:
+        raise DataError("data.tokenizer is not set: name a tokenizer directory or hub id")
+
+    start = time.perf_counter()
+    stats = DataStats.remote(cfg.quarantine_keep)
+    splits = ["train", "val"] if cfg.val_fraction > 0 else ["train"]
+    shards: dict[str, list[dict[str, Any]]] = {}
+    for split in splits:
+        staging = f"{root}/.staging-{split}"
+        filesystem.delete_dir_contents(staging, missing_dir_ok=True)
+        ds = blocks_dataset(cfg, split, stats, count_reads=split == "train")
+        try:
+            ds.write_parquet(
+                staging,
+                filename_provider=_TaskNames(),
+                max_rows_per_file=cfg.rows_per_shard,
+                mode=SaveMode.OVERWRITE,  # the staging directory is ours alone
+            )
+        except Exception as exc:
+            inner = _data_error(exc)
+            if inner is not None:
+                raise type(inner)(str(inner)) from None
+            raise
+        listing = filesystem.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
+        staged = [i for i in listing if i.path.endswith(".parquet")]
+        staged.sort(key=lambda i: _shard_order(i.base_name))
+        shards[split] = []
+        for n, info in enumerate(staged):
+            name = f"{split}-{n:06}.parquet"
+            filesystem.move(info.path, f"{root}/{name}")
+            with filesystem.open_input_file(f"{root}/{name}") as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+            shards[split].append({"file": name, "blocks": rows})
+        if filesystem.get_file_info(staging).type == pafs.FileType.Directory:
+            filesystem.delete_dir(staging)
+        if not staged:
+            log(f"data: the {split} split holds no complete block of {cfg.seq_len + 1} tokens")
+    seconds = time.perf_counter() - start
+
+    counts, quarantine = ray.get(stats.snapshot.remote())
+    quarantine.sort(key=lambda q: (q["path"], q["line"]))
+    with filesystem.open_output_stream(f"{root}/quarantine.jsonl") as f:
+        f.write("".join(json.dumps(q) + "\n" for q in quarantine).encode())
+
+    block_len = cfg.seq_len + 1
+    per_split = {}
+    for split in splits:
+        tokens, blocks = counts.get(f"tokens_{split}", 0), counts.get(f"blocks_{split}", 0)
+        if blocks != sum(s["blocks"] for s in shards[split]):
+            raise DataError(
+                f"{split}: packed {blocks} blocks but the shards hold {sum(s['blocks'] for s in shards[split])}"
+            )
+        per_split[split] = {
+            "documents": counts.get(f"documents_{split}", 0),
+            "tokens": tokens,
+            "blocks": blocks,
+            "dropped_tokens": tokens - blocks * block_len,
+            "shards": shards[split],
+        }
+    total = lambda key: sum(s[key] for s in per_split.values())  # noqa: E731
+    manifest = {
+        "format": "phi1_ray.packed",
+        "version": 1,
+        "documents": total("documents"),
+        "tokens": total("tokens"),
+        "blocks": total("blocks"),
+        "dropped_tokens": total("dropped_tokens"),
+        "quarantined": counts.get("quarantined", 0),
+        "empty_documents": counts.get("empty", 0),
+        "invalid_utf8_replaced": counts.get("invalid_utf8_replaced", 0),
+        "seq_len": cfg.seq_len,
+        "block_len": block_len,
+        "dtype": DocumentTokenizer.from_hf(tokenizer).dtype.name,
+        "splits": per_split,
+        "tokenizer": {
+            "path": cfg.tokenizer,
+            "hash": tokenizer_fingerprint(tokenizer),
+            "size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        "sources": [s.model_dump(mode="json") for s in cfg.sources],
+        "data": cfg.model_dump(mode="json", exclude={"sources"}),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(total("tokens") / seconds) if seconds else None,
+    }
+    with filesystem.open_output_stream(manifest_path) as f:
+        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+    log(
+        f"data: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens, {manifest['blocks']:,} blocks of "
+        f"{block_len}, {manifest['dropped_tokens']:,} tokens dropped (stream tails), {manifest['quarantined']:,} "
+        f"quarantined, {manifest['empty_documents']:,} empty; {manifest['tokens_per_s'] or 0:,} tokens/s -> {out}"
+    )
+    return manifest
+
+
+def read_manifest(out: str | Path) -> dict[str, Any]:
+    from pyarrow import fs as pafs
+
+    out = str(out)
+    filesystem, root = (
+        pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), str(Path(out).resolve()))
+    )
+    try:
+        with filesystem.open_input_stream(f"{root}/manifest.json") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise DataError(f"{out} has no manifest.json: not a prepared dataset (run jobs/prepare_data.py)") from None
+
+
+def prepared_dataset(out: str | Path, split: str = "train", shuffle: bool = False, seed: int = 0) -> Any:
+    """Blocks of a prepared directory as a Ray Dataset, in stream order unless ``shuffle``."""
+    manifest = read_manifest(out)
+    if split not in manifest["splits"]:
+        raise DataError(f"{out} has no {split!r} split; splits: {', '.join(manifest['splits'])}")
+    files = [f"{str(out).rstrip('/')}/{s['file']}" for s in manifest["splits"][split]["shards"]]
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.read_parquet(files)
+    return ds.random_shuffle(seed=seed) if shuffle else ds
+
+
+def ingest_config(equal: bool = False) -> Any:
+    """The ``dataset_config`` a ``TorchTrainer`` takes for our streams.
+
+    Ray Train's own config with two changes: block order is preserved (the single packer cuts the stream in the
+    order documents arrive, so order is what makes runs repeatable), and ``equal=False`` splits without dropping
+    the remainder, so the workers' shards are disjoint and together hold every block. Step-based training loops
+    (which restart their shard's iterator at its end) need no equal shards; pass ``equal=True`` for loops that
+    stop at the end of an epoch in lockstep.
+    """
+    from ray.train import DataConfig as TrainDataConfig
+
+    class StreamIngest(TrainDataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # type: ignore[override]
+            if equal:
+                return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            output: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            to_split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                if name in to_split:
+                    for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                        output[i][name] = split
+                else:
+                    for i in range(world_size):
+                        output[i][name] = ds.iterator()
+            return output
+
+    options = TrainDataConfig.default_ingest_options()
+    options.preserve_order = True
+    return StreamIngest(execution_options=options)
+
+
+def tokens_tensor(batch: Any, column: str = "tokens") -> Any:
+    """A (B, seq_len + 1) int64 torch tensor from a batch of blocks (a pyarrow table or a dict of arrays)."""
+    import torch
+
+    if isinstance(batch, pa.Table):
+        array = table_to_blocks(batch, column)
+    else:
+        array = np.stack([np.asarray(row) for row in batch[column]])
+    return torch.from_numpy(array.astype(np.int64))
