@@ -185,8 +185,9 @@ class DataConfig(Section):
     """Store each block's document start offsets (``doc_starts``) for document masking."""
     docs_per_batch: int = 512
     """Documents per tokenizer call."""
-    tokenizer_actors: int = 1
-    """Tokenizer processes; each uses the fast tokenizer's own threads."""
+    tokenize_tasks: int | None = None
+    """Read + tokenize tasks at once (None: as many as the cluster's CPUs allow). Each tokenizes with the fast
+    tokenizer's threads, so 1 per node is often fastest on small machines."""
     rows_per_shard: int = 4096
     rows_per_ray_block: int = 256
     """Packed rows per Ray block: how finely a stream is spread over trainer workers."""
@@ -205,7 +206,6 @@ class DataConfig(Section):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for key in (
             "docs_per_batch",
-            "tokenizer_actors",
             "rows_per_shard",
             "rows_per_ray_block",
             "bytes_per_read_task",

@@ -225,6 +225,33 @@ def test_validation_split_is_held_out_and_seeded(ray_local, tmp_path, tokenizer)
     assert not {r.tobytes() for r in train_blocks} & {r.tobytes() for r in val_blocks}
 
 
+def test_seeded_shuffle_and_epochs(ray_local, tmp_path, tokenizer):
+    from phi1_ray.data.ray_pipeline import prepared_dataset
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", stdlib_sources(8, skip=100))
+    write_jsonl(tmp_path / "d.jsonl", stdlib_sources(8, skip=108))
+    sources = [SourceConfig(type="jsonl", paths=[str(corpus), str(tmp_path / "d.jsonl")])]
+    plain, out = run_prepare(tmp_path, tokenizer, sources)
+    first, a = run_prepare(tmp_path, tokenizer, sources, name="a", shuffle=True, seed=1)
+    again, b = run_prepare(tmp_path, tokenizer, sources, name="b", shuffle=True, seed=1)
+    other, c = run_prepare(tmp_path, tokenizer, sources, name="c", shuffle=True, seed=2)
+    assert first["tokens"] == again["tokens"] == other["tokens"] == plain["tokens"]
+    assert read_blocks(a).tobytes() == read_blocks(b).tobytes()
+    assert read_blocks(a).tobytes() != read_blocks(c).tobytes() != read_blocks(out).tobytes()
+
+    def rows(ds):
+        return [np.asarray(r["tokens"], dtype=np.uint16).tobytes() for r in ds.take_all()]
+
+    stored = [r.tobytes() for r in read_blocks(out)]
+    assert rows(prepared_dataset(out)) == stored
+    epoch0, epoch1 = (
+        rows(prepared_dataset(out, shuffle=True, seed=3)),
+        rows(prepared_dataset(out, shuffle=True, seed=3, epoch=1)),
+    )
+    assert epoch0 == rows(prepared_dataset(out, shuffle=True, seed=3))
+    assert epoch0 != epoch1 != stored and sorted(epoch0) == sorted(epoch1) == sorted(stored)
+
+
 def test_finetune_records_with_completion_loss_mask(ray_local, tmp_path, tokenizer):
     records = [
         {"prompt": f'def add_{i}(a, b):\n    """Add {i} to a + b."""\n', "completion": f"    return a + b + {i}\n"}

@@ -110,7 +110,10 @@ class Packer:
 
     def empty(self) -> dict[str, Any]:
         """No blocks, with the same columns as :meth:`push` returns."""
-        out: dict[str, Any] = {"tokens": np.empty((0, self.block_len), dtype=self.carry.dtype)}
+        out: dict[str, Any] = {
+            "tokens": np.empty((0, self.block_len), dtype=self.carry.dtype),
+            "index": np.empty(0, dtype=np.int64),
+        }
         if self.carry_mask is not None:
             out["loss_mask"] = np.empty((0, self.block_len), dtype=np.uint8)
         if self.carry_starts is not None:
@@ -139,16 +142,20 @@ class Packer:
             block_of = starts // L
             out["doc_starts"] = [starts[block_of == b] - b * L for b in range(n)]
             self.carry_starts = starts[block_of >= n] - n * L
+        out["index"] = np.arange(self.blocks_out, self.blocks_out + n, dtype=np.int64)
         self.blocks_out += n
         return out
 
 
 def blocks_table(blocks: dict[str, Any]) -> pa.Table:
-    """Blocks as an Arrow table: ``tokens`` (and ``loss_mask``) as list columns, one row per block."""
+    """Blocks as an Arrow table, one row per block: ``tokens`` (and ``loss_mask``, ``doc_starts``) as list
+    columns, and ``index``, the block's position in its stream."""
     tokens = blocks["tokens"]
     n, L = tokens.shape
     offsets = pa.array(np.arange(0, (n + 1) * L, L, dtype=np.int32))
     columns = {"tokens": pa.ListArray.from_arrays(offsets, pa.array(tokens.reshape(-1)))}
+    if "index" in blocks:
+        columns["index"] = pa.array(blocks["index"], type=pa.int64())
     if "loss_mask" in blocks:
         columns["loss_mask"] = pa.ListArray.from_arrays(offsets, pa.array(blocks["loss_mask"].reshape(-1)))
     if "doc_starts" in blocks:
@@ -165,3 +172,12 @@ def table_to_blocks(table: pa.Table, column: str = "tokens") -> np.ndarray:
     array = table.column(column).combine_chunks()
     values = array.flatten().to_numpy(zero_copy_only=False)
     return values.reshape(len(array), -1) if len(array) else values.reshape(0, 0)
+
+
+def shuffle_keys(index: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random sort key per block index (splitmix64): the same permutation on any block layout."""
+    with np.errstate(over="ignore"):
+        x = index.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))

@@ -1,5 +1,5 @@
-"""The data pipeline on Ray Data: read + clean (tasks), tokenize (actors), pack (one actor), then either stream
-into Ray Train or write Parquet shards with a manifest.
+"""The data pipeline on Ray Data: read + clean + tokenize (tasks), pack (one actor), then either stream into
+Ray Train or write Parquet shards with a manifest.
 
 The only module that calls Ray Data. Order is preserved end to end, so with shuffle off the blocks are the
 corpus's documents in order, cut into ``seq_len + 1`` tokens; quarantined lines and counters are gathered by a
@@ -24,7 +24,14 @@ from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
 from phi1_ray.config import DataConfig, RayConfig
-from phi1_ray.data.pack import DocumentTokenizer, Packer, blocks_table, table_to_blocks, tokenizer_fingerprint
+from phi1_ray.data.pack import (
+    DocumentTokenizer,
+    Packer,
+    blocks_table,
+    shuffle_keys,
+    table_to_blocks,
+    tokenizer_fingerprint,
+)
 from phi1_ray.data.read import FileEntry, ReadReport, copies, list_files, read_file, split_of
 from phi1_ray.errors import DataError, Phi1Error
 from phi1_ray.tokenizer import load_tokenizer
@@ -59,17 +66,58 @@ class DataStats:
         return dict(self.counts), list(self.quarantine)
 
 
-def _read_groups(
-    batch: dict[str, np.ndarray], cfg_json: str, split: str, stats: Any, count_reads: bool
-) -> Iterator[dict[str, list]]:
-    """Read task: the documents of a group of files that fall in ``split``, repeated by source weight."""
+_TOKENIZERS: dict[int, DocumentTokenizer] = {}  # per worker process: built once, reused by later tasks
+
+
+def _worker_tokenizer(spec: dict[str, Any], loss_on: str) -> DocumentTokenizer:
+    key = hash((spec["tokenizer_json"], loss_on))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = DocumentTokenizer.from_spec(**spec, loss_on=loss_on)
+    return _TOKENIZERS[key]
+
+
+def _tokenized_row(
+    tokenize: DocumentTokenizer, texts: list[str], completions: list[str] | None, group: int, chunk: int
+) -> pa.Table:
+    """One tokenizer batch as a row, keyed by (group, chunk) so the packer can restore stream order.
+
+    No texts gives the empty row that closes a group (``last``)."""
+    with_mask = completions is not None and tokenize.loss_on == "completion"
+    if texts:
+        flat, lengths, mask = tokenize(texts, completions)
+    else:
+        flat, lengths, mask = np.empty(0, tokenize.dtype), np.empty(0, np.int64), np.empty(0, np.uint8)
+    columns = {
+        "group": pa.array([group], pa.int64()),
+        "chunk": pa.array([chunk], pa.int64()),
+        "last": pa.array([not texts]),
+        "ids": pa.ListArray.from_arrays([0, len(flat)], pa.array(flat)),
+        "lengths": pa.ListArray.from_arrays([0, len(lengths)], pa.array(lengths)),
+    }
+    if with_mask:
+        columns["mask"] = pa.ListArray.from_arrays([0, len(mask)], pa.array(mask, pa.uint8()))
+    return pa.table(columns)
+
+
+def _read_and_tokenize(
+    batch: dict[str, np.ndarray], cfg_json: str, spec: dict[str, Any], split: str, stats: Any, count_reads: bool
+) -> Iterator[pa.Table]:
+    """Read task: the documents of a group of files that fall in ``split`` (repeated by source weight),
+    cleaned and tokenized; one row (flat ids + per-document lengths [+ mask]) per ``docs_per_batch`` documents,
+    then an empty row closing the group.
+
+    Plain tasks rather than an actor pool: no actor start-up, and the tokenizer is built once per worker process.
+    """
     cfg = DataConfig.model_validate_json(cfg_json)
+    tokenize = _worker_tokenizer(spec, cfg.loss_on)
     finetune = cfg.format == "finetune"
-    for group in batch["files"]:
+    for group, files in zip(batch["group"], batch["files"]):
+        group = int(group)
         report = ReadReport()
         texts: list[str] = []
         completions: list[str] = []
-        for item in json.loads(group):
+        documents = chunk = 0
+        for item in json.loads(files):
             entry = FileEntry(**item)
             source = cfg.sources[entry.source]
             for doc in read_file(entry, source, cfg, report):
@@ -79,58 +127,70 @@ def _read_groups(
                     texts.append(doc.text)
                     if finetune:
                         completions.append(doc.completion or "")
-        counts = dict(report.counts) if count_reads else {}
-        counts[f"documents_{split}"] = len(texts)
-        ray.get(stats.add.remote(counts, report.quarantine if count_reads else []))
+                if len(texts) >= cfg.docs_per_batch:
+                    documents += len(texts)
+                    yield _tokenized_row(tokenize, texts, completions if finetune else None, group, chunk)
+                    texts, completions, chunk = [], [], chunk + 1
         if texts:
-            yield {"text": texts, "completion": completions} if finetune else {"text": texts}
+            documents += len(texts)
+            yield _tokenized_row(tokenize, texts, completions if finetune else None, group, chunk)
+            chunk += 1
+        counts = dict(report.counts) if count_reads else {}
+        counts[f"documents_{split}"] = documents
+        ray.get(stats.add.remote(counts, report.quarantine if count_reads else []))
+        yield _tokenized_row(tokenize, [], [] if finetune else None, group, chunk)
 
 
-class _Tokenize:
-    """Tokenizer actor: one batch of documents in, one row (flat ids + lengths [+ mask]) out."""
-
-    def __init__(self, spec: dict[str, Any], loss_on: str) -> None:
-        self.tokenize = DocumentTokenizer.from_spec(**spec, loss_on=loss_on)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        completions = list(batch["completion"]) if "completion" in batch else None
-        flat, lengths, mask = self.tokenize(list(batch["text"]), completions)
-        columns = {
-            "ids": pa.ListArray.from_arrays([0, len(flat)], pa.array(flat)),
-            "lengths": pa.ListArray.from_arrays([0, len(lengths)], pa.array(lengths)),
-        }
-        if mask is not None:
-            columns["mask"] = pa.ListArray.from_arrays([0, len(mask)], pa.array(mask))
-        return pa.table(columns)
+def _row_values(table: pa.Table, column: str, row: int) -> np.ndarray:
+    values = table.column(column)[row].values  # None for an empty list
+    return values.to_numpy(zero_copy_only=False) if values is not None else np.empty(0)
 
 
 class _Pack:
-    """The one packer of a stream: keeps the remainder between batches so blocks follow the stream exactly."""
+    """The one packer of a stream: keeps the remainder between batches so blocks follow the stream exactly.
+
+    Batches are packed in (group, chunk) order whatever order Ray delivers them in: early ones wait in a buffer.
+    """
 
     def __init__(self, block_len: int, dtype: str, with_mask: bool, doc_starts: bool, stats: Any, split: str) -> None:
         self.packer = Packer(block_len, np.dtype(dtype), with_mask, doc_starts)
         self.stats, self.split = stats, split
+        self.pending: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self.next = (0, 0)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         before_tokens, before_blocks = self.packer.tokens_in, self.packer.blocks_out
-        parts = []
+        has_mask = "mask" in table.schema.names
         for row in range(table.num_rows):
-            ids = table.column("ids")[row].values.to_numpy(zero_copy_only=False)
-            lengths = table.column("lengths")[row].values.to_numpy(zero_copy_only=False)
-            mask = (
-                table.column("mask")[row].values.to_numpy(zero_copy_only=False)
-                if "mask" in table.schema.names
-                else None
-            )
-            blocks = self.packer.push(ids, lengths, mask)
-            if len(blocks["tokens"]):
-                parts.append(blocks_table(blocks))
+            key = (table.column("group")[row].as_py(), table.column("chunk")[row].as_py())
+            ids, lengths = _row_values(table, "ids", row), _row_values(table, "lengths", row)
+            mask = _row_values(table, "mask", row) if has_mask else None
+            self.pending[key] = (ids, lengths, mask, table.column("last")[row].as_py())
+        parts = []
+        while self.next in self.pending:
+            ids, lengths, mask, last = self.pending.pop(self.next)
+            if len(ids):
+                blocks = self.packer.push(ids, lengths, mask)
+                if len(blocks["tokens"]):
+                    parts.append(blocks_table(blocks))
+            self.next = (self.next[0] + 1, 0) if last else (self.next[0], self.next[1] + 1)
         counts = {
             f"tokens_{self.split}": self.packer.tokens_in - before_tokens,
             f"blocks_{self.split}": self.packer.blocks_out - before_blocks,
         }
         ray.get(self.stats.add.remote(counts, []))
         return pa.concat_tables(parts) if parts else blocks_table(self.packer.empty())
+
+
+def _add_shuffle_key(table: pa.Table, seed: int) -> pa.Table:
+    index = table.column("index").to_numpy()
+    return table.append_column("_order", pa.array(shuffle_keys(index, seed)))
+
+
+def seeded_shuffle(ds: Any, seed: int) -> Any:
+    """Permute blocks by a seeded key of their stream index: the same order on every run and block layout."""
+    ds = ds.map_batches(_add_shuffle_key, batch_format="pyarrow", batch_size=None, fn_kwargs={"seed": seed})
+    return ds.sort("_order").drop_columns(["_order"])
 
 
 def _file_groups(entries: list[FileEntry], group_bytes: int) -> list[dict[str, str]]:
@@ -143,7 +203,7 @@ def _file_groups(entries: list[FileEntry], group_bytes: int) -> list[dict[str, s
             current, size = [], 0
     if current:
         groups.append(current)
-    return [{"files": json.dumps(g)} for g in groups]
+    return [{"group": i, "files": json.dumps(g)} for i, g in enumerate(groups)]
 
 
 def blocks_dataset(cfg: DataConfig, split: str = "train", stats: Any = None, count_reads: bool = True) -> Any:
@@ -165,15 +225,17 @@ def blocks_dataset(cfg: DataConfig, split: str = "train", stats: Any = None, cou
     groups = _file_groups(entries, cfg.bytes_per_read_task)
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     ds = ds.map_batches(
-        _read_groups,
+        _read_and_tokenize,
         batch_size=1,
-        fn_kwargs={"cfg_json": cfg.model_dump_json(), "split": split, "stats": stats, "count_reads": count_reads},
-    )
-    ds = ds.map_batches(
-        _Tokenize,
-        batch_size=cfg.docs_per_batch,
-        concurrency=cfg.tokenizer_actors,
-        fn_constructor_kwargs={"spec": doc_tokenizer.spec(), "loss_on": cfg.loss_on},
+        batch_format="numpy",
+        concurrency=cfg.tokenize_tasks,
+        fn_kwargs={
+            "cfg_json": cfg.model_dump_json(),
+            "spec": doc_tokenizer.spec(),
+            "split": split,
+            "stats": stats,
+            "count_reads": count_reads,
+        },
     )
     ds = ds.map_batches(
         _Pack,
@@ -191,7 +253,7 @@ def blocks_dataset(cfg: DataConfig, split: str = "train", stats: Any = None, cou
         },
     )
     if cfg.shuffle:
-        ds = ds.random_shuffle(seed=cfg.seed)
+        ds = seeded_shuffle(ds, cfg.seed)
     # Ray blocks of about cfg.rows_per_ray_block packed rows: the unit that streaming_split hands to a trainer
     # worker, so small enough to spread a stream over the workers as they pull.
     ds.context.target_max_block_size = cfg.rows_per_ray_block * (cfg.seq_len + 1) * doc_tokenizer.dtype.itemsize
@@ -348,15 +410,18 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
         raise DataError(f"{out} has no manifest.json: not a prepared dataset (run jobs/prepare_data.py)") from None
 
 
-def prepared_dataset(out: str | Path, split: str = "train", shuffle: bool = False, seed: int = 0) -> Any:
-    """Blocks of a prepared directory as a Ray Dataset, in stream order unless ``shuffle``."""
+def prepared_dataset(
+    out: str | Path, split: str = "train", shuffle: bool = False, seed: int = 0, epoch: int = 0
+) -> Any:
+    """Blocks of a prepared directory as a Ray Dataset, in stream order unless ``shuffle``: then a permutation
+    seeded by (seed, epoch), so each epoch has its own order and a rerun repeats it."""
     manifest = read_manifest(out)
     if split not in manifest["splits"]:
         raise DataError(f"{out} has no {split!r} split; splits: {', '.join(manifest['splits'])}")
     files = [f"{str(out).rstrip('/')}/{s['file']}" for s in manifest["splits"][split]["shards"]]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.read_parquet(files)
-    return ds.random_shuffle(seed=seed) if shuffle else ds
+    return seeded_shuffle(ds, seed * 100_003 + epoch) if shuffle else ds
 
 
 def ingest_config(equal: bool = False) -> Any:
