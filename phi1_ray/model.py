@@ -392,10 +392,20 @@ def build_empty(cfg: ModelConfig, device: torch.device | str = "cpu") -> Phi1For
     return model
 
 
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def next_token_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from positions <= t.
 
-    The targets are shifted (the last position gets ``ignore_index``) rather than the logits, which would copy them.
+    ``loss_mask`` (B, T), aligned with ``input_ids``: only tokens where it is 1 are predicted (finetuning on
+    completions). The targets are shifted (the last position gets ``ignore_index``) rather than the logits, which
+    would copy them.
     """
     targets = F.pad(input_ids[:, 1:], (0, 1), value=ignore_index)
+    if loss_mask is not None:
+        keep = F.pad(loss_mask[:, 1:], (0, 1), value=0).bool()
+        targets = targets.masked_fill(~keep, ignore_index)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)

@@ -220,10 +220,10 @@ def blocks_dataset(cfg: DataConfig, split: str = "train", stats: Any = None, cou
         random.Random(cfg.seed).shuffle(entries)
     doc_tokenizer = DocumentTokenizer.from_hf(load_tokenizer(cfg.tokenizer), cfg.loss_on)
     stats = stats if stats is not None else DataStats.remote(cfg.quarantine_keep)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     groups = _file_groups(entries, cfg.bytes_per_read_task)
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+    ds.context.execution_options.preserve_order = True  # this pipeline's own context, not the caller's
     ds = ds.map_batches(
         _read_and_tokenize,
         batch_size=1,
@@ -419,8 +419,8 @@ def prepared_dataset(
     if split not in manifest["splits"]:
         raise DataError(f"{out} has no {split!r} split; splits: {', '.join(manifest['splits'])}")
     files = [f"{str(out).rstrip('/')}/{s['file']}" for s in manifest["splits"][split]["shards"]]
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.read_parquet(files)
+    ds.context.execution_options.preserve_order = True
     return seeded_shuffle(ds, seed * 100_003 + epoch) if shuffle else ds
 
 
