@@ -375,6 +375,11 @@ def test_prepare_data_command_line_contract(tmp_path, tokenizer):
         str(tmp_path / "out2"),
     )
     assert_user_error(missing, "nope.jsonl does not exist")
+    assert not (tmp_path / "out2").exists()
+    untokenized = run_job("jobs/prepare_data.py", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o3"))
+    assert_user_error(untokenized, "data.tokenizer is not set")
+    bad_key = run_job("jobs/prepare_data.py", "--input", str(tmp_path / "a.jsonl"), "data.seq_lenn=5")
+    assert_user_error(bad_key, "data.seq_lenn: unknown key (did you mean 'seq_len'?)")
 
 
 def test_train_tokenizer_job(tmp_path):

@@ -299,10 +299,11 @@ def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any
         log(f"data: {out}/manifest.json exists, skipped")
         with filesystem.open_input_stream(manifest_path) as f:
             return json.loads(f.read())
-    filesystem.create_dir(root, recursive=True)
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    if tokenizer is None:
+    if not cfg.tokenizer:
         raise DataError("data.tokenizer is not set: name a tokenizer directory or hub id")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    list_files(cfg.sources)  # a missing source fails here, before anything is written
+    filesystem.create_dir(root, recursive=True)
 
     start = time.perf_counter()
     stats = DataStats.remote(cfg.quarantine_keep)
