@@ -32,7 +32,7 @@ from phi1_ray.data.pack import (
     table_to_blocks,
     tokenizer_fingerprint,
 )
-from phi1_ray.data.read import FileEntry, ReadReport, copies, list_files, read_file, split_of
+from phi1_ray.data.read import FileEntry, ReadReport, copies, filesystem_of, list_files, read_file, split_of
 from phi1_ray.errors import DataError, Phi1Error
 from phi1_ray.tokenizer import load_tokenizer
 
@@ -206,7 +206,9 @@ def _file_groups(entries: list[FileEntry], group_bytes: int) -> list[dict[str, s
     return [{"group": i, "files": json.dumps(g)} for i, g in enumerate(groups)]
 
 
-def blocks_dataset(cfg: DataConfig, split: str = "train", stats: Any = None, count_reads: bool = True) -> Any:
+def blocks_dataset(
+    cfg: DataConfig, split: str = "train", stats: Any = None, count_reads: bool = True, tokenizer: Any = None
+) -> Any:
     """A Ray Dataset of packed blocks (``tokens`` list column, plus ``loss_mask`` / ``doc_starts`` when asked).
 
     Streams lazily: hand it to a ``TorchTrainer`` through ``datasets=`` or write it with :func:`prepare`.
@@ -218,7 +220,8 @@ def blocks_dataset(cfg: DataConfig, split: str = "train", stats: Any = None, cou
         raise DataError(f"the sources hold no files: {', '.join(s.label for s in cfg.sources)}")
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(entries)
-    doc_tokenizer = DocumentTokenizer.from_hf(load_tokenizer(cfg.tokenizer), cfg.loss_on)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    doc_tokenizer = DocumentTokenizer.from_hf(tokenizer, cfg.loss_on)
     stats = stats if stats is not None else DataStats.remote(cfg.quarantine_keep)
 
     groups = _file_groups(entries, cfg.bytes_per_read_task)
@@ -291,9 +294,7 @@ def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any
     from pyarrow import fs as pafs
 
     out = str(out)
-    filesystem, root = (
-        pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), str(Path(out).resolve()))
-    )
+    filesystem, root = filesystem_of(out)
     manifest_path = f"{root}/manifest.json"
     if filesystem.get_file_info(manifest_path).type == pafs.FileType.File:
         log(f"data: {out}/manifest.json exists, skipped")
@@ -312,7 +313,7 @@ def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any
     for split in splits:
         staging = f"{root}/.staging-{split}"
         filesystem.delete_dir_contents(staging, missing_dir_ok=True)
-        ds = blocks_dataset(cfg, split, stats, count_reads=split == "train")
+        ds = blocks_dataset(cfg, split, stats, count_reads=split == "train", tokenizer=tokenizer)
         try:
             ds.write_parquet(
                 staging,
@@ -398,12 +399,9 @@ def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
-    from pyarrow import fs as pafs
 
     out = str(out)
-    filesystem, root = (
-        pafs.FileSystem.from_uri(out) if "://" in out else (pafs.LocalFileSystem(), str(Path(out).resolve()))
-    )
+    filesystem, root = filesystem_of(out)
     try:
         with filesystem.open_input_stream(f"{root}/manifest.json") as f:
             return json.loads(f.read())

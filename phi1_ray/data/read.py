@@ -54,7 +54,8 @@ class ReadReport:
         self.quarantine.append({"path": path, "line": line, "reason": reason, "preview": preview[:PREVIEW_CHARS]})
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
+def filesystem_of(path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) for a local path or a URI (``s3://``, ``gs://``)."""
     from pyarrow import fs
 
     if "://" in path:
@@ -80,7 +81,7 @@ def list_files(sources: list[SourceConfig]) -> list[FileEntry]:
         )
         found: list[FileEntry] = []
         for root in roots:
-            filesystem, base = _filesystem(root)
+            filesystem, base = filesystem_of(root)
             info = filesystem.get_file_info(base)
             if info.type == fs.FileType.NotFound:
                 raise DataError(f"source {source.label}: {root} does not exist")
@@ -114,7 +115,7 @@ def _uri(root: str, path: str) -> str:
 
 
 def _open_bytes(path: str) -> bytes:
-    filesystem, local = _filesystem(path)
+    filesystem, local = filesystem_of(path)
     with filesystem.open_input_stream(local, compression="detect") as stream:
         return stream.read()
 
@@ -199,7 +200,7 @@ def read_file(entry: FileEntry, source: SourceConfig, cfg: DataConfig, report: R
 def _read_parquet(path: str, source: SourceConfig, cfg: DataConfig, report: ReadReport) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
-    filesystem, local = _filesystem(path)
+    filesystem, local = filesystem_of(path)
     with filesystem.open_input_file(local) as handle:
         parquet = pq.ParquetFile(handle)
         keys = [source.prompt_key, source.completion_key] if cfg.format == "finetune" else [source.text_key]
