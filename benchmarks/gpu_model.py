@@ -17,11 +17,7 @@ import time
 
 import torch
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense bf16/fp16
-
-
-def peak_tflops(name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+from phi1_ray.train.metrics import peak_tflops
 
 
 def measure(step, steps: int, tokens: int) -> float:

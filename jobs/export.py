@@ -1,5 +1,8 @@
 """Export a checkpoint to a Hugging Face directory: ``python jobs/export.py --checkpoint PATH --out DIR``.
 
+PATH may be a training run directory (its best, else latest checkpoint) or one training checkpoint: the ZeRO
+shards are consolidated into fp32 weights first.
+
 The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (no trust_remote_code) and vLLM.
 """
 
@@ -12,7 +15,11 @@ from phi1_ray.hf import export_hf
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="phi1_ray checkpoint or Hugging Face directory / hub id")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="training run or checkpoint, phi1_ray checkpoint, or Hugging Face directory / hub id",
+    )
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args()
     model, tokenizer = load_model(args.checkpoint)

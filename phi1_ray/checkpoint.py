@@ -40,8 +40,16 @@ def save_checkpoint(model: Phi1ForCausalLM, out_dir: str | Path, tokenizer: Any 
 def load_model(
     path: str | Path, dtype: torch.dtype = torch.float32, attn_impl: str | None = None
 ) -> tuple[Phi1ForCausalLM, Any]:
-    """(model in eval mode, tokenizer or None) from a phi1_ray checkpoint or a Hugging Face directory / hub id."""
+    """(model in eval mode, tokenizer or None) from a phi1_ray checkpoint, a training checkpoint or run directory
+    (its best, else latest checkpoint, ZeRO shards consolidated), or a Hugging Face directory / hub id."""
+    from phi1_ray.train.checkpoints import RUN_FILE, find_checkpoint, is_train_checkpoint, load_train_checkpoint
+
     directory = Path(path).expanduser()
+    if is_train_checkpoint(directory) or (directory / RUN_FILE).is_file():
+        found = find_checkpoint(directory)
+        if found is None:
+            raise CheckpointError(f"{directory}: a training run without a checkpoint yet")
+        return load_train_checkpoint(found, dtype)
     if (directory / MANIFEST).is_file():
         manifest = read_json(directory / MANIFEST)
         if manifest.get("format") != "phi1_ray" or not isinstance(manifest.get("model"), dict):

@@ -28,8 +28,10 @@ def run_main(main: Callable[[], object]) -> None:
         sys.exit(130)
 
 
-def config_from_argv(cls: type[C], description: str, argv: Sequence[str] | None = None) -> C:
-    """Parse ``--config FILE [--run-dir DIR] [key.path=value ...]`` into a validated, printed config."""
+def config_from_argv(cls: type[C], description: str, argv: Sequence[str] | None = None, fixed: Sequence[str] = ()) -> C:
+    """Parse ``--config FILE [--run-dir DIR] [key.path=value ...]`` into a validated, printed config.
+
+    ``fixed`` overrides apply last (``job=finetune`` for the finetuning job, whatever the file says)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file under configs/")
     parser.add_argument("--run-dir", help="where outputs and the MLflow store go (overrides run_dir)")
@@ -38,6 +40,6 @@ def config_from_argv(cls: type[C], description: str, argv: Sequence[str] | None 
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
-    cfg = load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config, overrides + list(fixed))
     print("# resolved config\n" + to_yaml(cfg), flush=True)
     return cfg

@@ -1,4 +1,5 @@
-"""The end-to-end job behind ``make demo``. Stages so far: tokenizer, data preparation, model, export, generation.
+"""The end-to-end job behind ``make demo``. Stages so far: tokenizer, data preparation, pretraining, finetuning,
+export, generation.
 
 Each stage writes its outputs under ``run_dir`` and is skipped, with a line saying so, when they already exist.
 """
@@ -10,15 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from phi1_ray.checkpoint import MANIFEST, load_model, save_checkpoint
-from phi1_ray.config import PipelineConfig
+from phi1_ray.checkpoint import load_model
+from phi1_ray.config import PipelineConfig, StageJobConfig, TrainJobConfig, build, read_yaml
 from phi1_ray.generate import generate
-from phi1_ray.hf import export_hf
-from phi1_ray.model import Phi1ForCausalLM
 from phi1_ray.tokenizer import check_vocab, load_tokenizer, train_from_sources
 from phi1_ray.tracking import mlflow_run, tracking_uri
+from phi1_ray.train.checkpoints import RUN_FILE
+from phi1_ray.train.deepspeed_config import merge
+from phi1_ray.train.run import RUNTIME_MODEL_FIELDS
 
 
 def log(msg: str) -> None:
@@ -38,43 +38,76 @@ def stage_tokenizer(cfg: PipelineConfig, run_dir: Path) -> Any:
     return train_from_sources(cfg.tokenizer.sources, cfg.tokenizer.vocab_size, out)
 
 
-def stage_data(cfg: PipelineConfig, run_dir: Path, tokenizer_path: str) -> dict[str, Any]:
+def stage_data(cfg: PipelineConfig, run_dir: Path, tokenizer_path: str, min_cpus: int) -> dict[str, Any]:
     from phi1_ray.data.ray_pipeline import init_ray, prepare
 
     data = cfg.data.model_copy(update={"tokenizer": tokenizer_path})
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, min_cpus=min_cpus)  # the training stages share this instance
     return prepare(data, run_dir / "data", log=log)
 
 
-def stage_model(cfg: PipelineConfig, run_dir: Path, tokenizer: Any) -> tuple[Phi1ForCausalLM, Path]:
-    out = run_dir / "checkpoint"
-    if (out / MANIFEST).is_file():
-        log(f"model: {out} exists, skipped")
-        model, _ = load_model(out)
-        return model, out
-    torch.manual_seed(cfg.seed)
-    eos = tokenizer.eos_token_id
-    model_cfg = cfg.model.model_copy(update={"eos_token_id": eos, "bos_token_id": eos})
-    model = Phi1ForCausalLM(model_cfg).eval()
-    log(f"model: built {cfg.model.name or 'custom'} ({model.num_parameters():,} parameters), saved to {out}")
-    save_checkpoint(model, out, tokenizer)
-    return model, out
+def stage_job(cfg: PipelineConfig, stage: StageJobConfig, name: str, forced: dict[str, Any]) -> TrainJobConfig:
+    """A training stage's job config: its file, its overrides, then what the pipeline fixes (run directory,
+    tokenizer, data, the model's sizes)."""
+    data = read_yaml(stage.config) if stage.config else {}
+    data = merge(merge(data, stage.overrides), forced)
+    model = data.get("model", {})
+    runtime = {k: model[k] for k in RUNTIME_MODEL_FIELDS if k in model}
+    data["model"] = {**cfg.model.model_dump(mode="json"), **runtime}
+    return build(TrainJobConfig, data, where=name, source=stage.config)
+
+
+def stage_train(job: TrainJobConfig, name: str) -> dict[str, Any]:
+    """Run a training job unless its run directory says it finished; returns its summary."""
+    from phi1_ray.train.run import loss_summary, run_training
+
+    run_dir = Path(job.run_dir or name)
+    run_file = run_dir / RUN_FILE
+    if run_file.is_file():
+        log(f"{name}: {run_dir} exists, skipped")
+        return {
+            **json.loads(run_file.read_text()),
+            **loss_summary(run_dir / "metrics.jsonl"),
+            "hf": str(run_dir / "hf"),
+        }
+    log(f"{name}: {job.optim.max_steps} steps of {job.model.name or 'the model'} on {job.train.num_workers} workers")
+    return run_training(job, log=lambda line: log(f"{name}: {line}"))
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    tokenizer_path = cfg.tokenizer.path or str(run_dir / "tokenizer")
+    shared = {  # one Ray instance, one MLflow store, one tokenizer for the whole pipeline
+        "ray": cfg.ray.model_dump(),
+        "mlflow": {"tracking_uri": tracking_uri(cfg.mlflow, run_dir), "experiment": cfg.mlflow.experiment},
+        "seed": cfg.seed,
+    }
+    stages = {
+        "pretrain": (cfg.pretrain, {"prepared": str(run_dir / "data"), "data": {"seq_len": cfg.data.seq_len}}),
+        "finetune": (cfg.finetune, {"init_from": str(run_dir / "pretrain"), "data": {}}),
+    }
+    jobs = {}
+    for name, (stage, forced) in stages.items():
+        forced["data"]["tokenizer"] = tokenizer_path
+        jobs[name] = stage_job(cfg, stage, name, {**shared, **forced, "run_dir": str(run_dir / name)})
     with mlflow_run(cfg.mlflow, run_dir, "pipeline", cfg) as run:
         import mlflow
 
         tokenizer = stage_tokenizer(cfg, run_dir)
         check_vocab(tokenizer, cfg.model.vocab_size)
-        manifest = stage_data(cfg, run_dir, cfg.tokenizer.path or str(run_dir / "tokenizer"))
+        need = max(job.train.num_workers for job in jobs.values()) + 2  # trainer workers + data tasks
+        manifest = stage_data(cfg, run_dir, tokenizer_path, need)
         mlflow.log_metrics({"data_tokens": manifest["tokens"], "data_blocks": manifest["blocks"]})
-        model, ckpt = stage_model(cfg, run_dir, tokenizer)
-        hf_dir = export_hf(model, run_dir / "hf", tokenizer)
+        pre = stage_train(jobs["pretrain"], "pretrain")
+        fine = stage_train(jobs["finetune"], "finetune")
+        model, _ = load_model(run_dir / "finetune")  # the best finetuning checkpoint, ZeRO shards consolidated
+        hf_dir = Path(fine["hf"])
         log(f"export: Hugging Face directory at {hf_dir}")
+        curves = plot_losses(run_dir, {"pretrain": run_dir / "pretrain", "finetune": run_dir / "finetune"})
+        if curves is not None:
+            mlflow.log_artifact(str(curves))
 
         start = time.perf_counter()
         completions = generate(model, tokenizer, cfg.prompts, cfg.sampling)
@@ -88,12 +121,18 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         mlflow.log_metrics({"parameters": model.num_parameters(), "generate_tokens_per_s": new_tokens / seconds})
         mlflow.log_artifact(str(run_dir / "completions.jsonl"))
         summary.update(
+            pretrain_loss=[pre.get("first_loss"), pre.get("last_loss")],
+            pretrain_val_loss=[pre.get("first_val_loss"), pre.get("last_val_loss")],
+            finetune_loss=[fine.get("first_loss"), fine.get("last_loss")],
+            finetune_val_loss=[fine.get("first_val_loss"), fine.get("best_val_loss")],
+            finetune_best_checkpoint=fine.get("best"),
+            loss_curves=str(curves) if curves else None,
             data_documents=manifest["documents"],
             data_tokens=manifest["tokens"],
             data_blocks=manifest["blocks"],
             data_quarantined=manifest["quarantined"],
             parameters=model.num_parameters(),
-            checkpoint=str(ckpt),
+            checkpoint=str(run_dir / "finetune"),
             hf_export=str(hf_dir),
             generated_tokens=new_tokens,
             generate_tokens_per_s=round(new_tokens / seconds, 1),
@@ -101,5 +140,32 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             mlflow_run_id=run.info.run_id,
         )
     log("summary:\n" + json.dumps(summary, indent=2))
-    log(f"generate again with: python jobs/generate.py --checkpoint {ckpt} --prompt 'def add(a, b):'")
+    log(f"generate again with: python jobs/generate.py --checkpoint {run_dir / 'finetune'} --prompt 'def add(a, b):'")
     return summary
+
+
+def plot_losses(run_dir: Path, runs: dict[str, Path]) -> Path | None:
+    """``loss_curves.png``: training and validation loss of each training stage against its step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("loss curves: matplotlib is not installed, no picture")
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
+    for ax, (name, path) in zip(axes if len(runs) > 1 else [axes], runs.items()):
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        for key, style in (("loss", "-"), ("val_loss", "o-")):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=key, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss_curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -3,6 +3,7 @@ trained offline once per session, and helpers to run the jobs as a user does."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def ray_local():
     and the data pipeline's actors fit at once."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -65,3 +66,23 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     assert "error:" in result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def loss_steps(rows: list[dict]) -> list[int]:
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def registered_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train has registered for the run (its checkpoint manager snapshot lists them)."""
+    snapshots = list((run_dir / "checkpoints").glob("*/checkpoint_manager_snapshot.json"))
+    if not snapshots:
+        return 0
+    try:
+        return snapshots[0].read_text().count("checkpoint_dir_name")
+    except OSError:
+        return 0

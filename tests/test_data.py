@@ -397,3 +397,51 @@ def test_train_tokenizer_job(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert len(tok) == 600 and tok.eos_token == "<|endoftext|>"
+
+
+def test_exercises_mined_from_code_split_at_the_docstring():
+    from phi1_ray.data.exercises import mine_exercises
+
+    source = '''import os
+
+
+def add(a, b):
+    """Return a + b."""
+    return a + b
+
+
+def todo(x):
+    """Not written yet."""
+    pass
+
+
+def no_doc(x):
+    return x
+
+
+class K:
+    def method(self):
+        """Methods need their class; skipped."""
+        return 1
+
+
+async def fetch(
+    url: str,
+) -> bytes:
+    """Fetch a URL.
+
+    Returns the body.
+    """
+    # the body starts here
+    return await get(url)
+'''
+    found = list(mine_exercises(source))
+    assert [(e.line, e.prompt, e.completion) for e in found] == [
+        (4, 'def add(a, b):\n    """Return a + b."""\n', "    return a + b\n"),
+        (
+            24,
+            'async def fetch(\n    url: str,\n) -> bytes:\n    """Fetch a URL.\n\n    Returns the body.\n    """\n',
+            "    # the body starts here\n    return await get(url)\n",
+        ),
+    ]
+    assert list(mine_exercises("def broken(:\n")) == []

@@ -20,6 +20,9 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
         "tokenizer.sources=[{type: stdlib, max_bytes: 400000}]",
         "data.sources=[{type: stdlib, max_bytes: 300000}]",
         "sampling.max_new_tokens=8",
+        "pretrain.overrides={optim: {max_steps: 20, warmup_steps: 2}, train: {checkpoint_every: 10, eval_every: 10}}",
+        "finetune.overrides={optim: {max_steps: 10, warmup_steps: 2}, train: {checkpoint_every: 5, eval_every: 5},"
+        " data: {sources: [{type: stdlib, exercises: true, max_bytes: 600000}]}}",
     ]
     first = run_job(*args)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -28,15 +31,18 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     assert summary["parameters"] > 1_000_000 and summary["generated_tokens"] > 0
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["tokens"] == summary["data_tokens"] > 50_000
-    assert set(manifest["splits"]) == {"train", "val"} and manifest["block_len"] == 257
+    assert set(manifest["splits"]) == {"train", "val"} and manifest["block_len"] == 129
+    pre_loss, fine_val = summary["pretrain_loss"], summary["finetune_val_loss"]
+    assert pre_loss[1] < pre_loss[0] and fine_val[1] <= fine_val[0], summary
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
 
     records = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["finish_reason"] in ("stop", "length") for r in records)
 
-    # The export is a plain transformers model that agrees with our checkpoint.
-    ours, tokenizer = load_model(tmp_path / "checkpoint")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert len(AutoTokenizer.from_pretrained(tmp_path / "hf")) == len(tokenizer)
+    # The export of the best finetuning checkpoint is a plain transformers model that agrees with it.
+    ours, tokenizer = load_model(tmp_path / "finetune")
+    theirs = AutoModelForCausalLM.from_pretrained(summary["hf_export"]).eval()
+    assert len(AutoTokenizer.from_pretrained(summary["hf_export"])) == len(tokenizer)
     ids = torch.tensor([tokenizer.encode("def f(x):\n    return x\n")])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
@@ -49,5 +55,5 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     second = run_job(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "tokenizer: " in second.stdout and "exists, skipped" in second.stdout
-    assert second.stdout.count("exists, skipped") == 3
+    assert second.stdout.count("exists, skipped") == 4  # tokenizer, data, pretrain, finetune
     assert (tmp_path / "completions.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)

@@ -46,11 +46,12 @@ def test_gradient_accumulation_is_derived_and_checked():
         build(OptimConfig, {"warmup_steps": 10, "max_steps": 5}, where="optim")
 
 
-def test_fp16_without_a_gpu_falls_back_to_bf16_with_one_line():
+def test_fp16_without_a_gpu_falls_back_to_fp32_with_one_line():
     assert resolve_precision("fp16", has_gpu=True) == ("fp16", None)
     precision, note = resolve_precision("fp16", has_gpu=False)
-    assert precision == "bf16" and "\n" not in note and "fp16" in note
+    assert precision == "fp32" and "\n" not in note and "fp16" in note
     assert resolve_precision("fp32", has_gpu=False) == ("fp32", None)
+    assert resolve_precision("bf16", has_gpu=False) == ("bf16", None)
 
 
 def test_deepspeed_config_batch_arithmetic():

@@ -37,15 +37,22 @@ from phi1_ray.errors import DataError, Phi1Error
 from phi1_ray.tokenizer import load_tokenizer
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Join the cluster this job was submitted to (or ``cfg.address``), else start a local instance."""
+def init_ray(cfg: RayConfig, min_cpus: int = 0) -> None:
+    """Join the cluster this job was submitted to (or ``cfg.address``), else start a local instance.
+
+    A local instance gets at least ``min_cpus`` logical CPUs: trainer workers hold one each, and the data
+    pipeline's read tasks need CPUs beside them (on a 2-core laptop they share the cores).
+    """
+    import os
+
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
     if cfg.address:
         kwargs["address"] = cfg.address
-    elif cfg.num_cpus is not None:
-        kwargs["num_cpus"] = cfg.num_cpus
+    elif not os.environ.get("RAY_ADDRESS"):
+        kwargs["address"] = "local"  # a new instance, even where `ray start` left one running
+        kwargs["num_cpus"] = cfg.num_cpus if cfg.num_cpus is not None else max(os.cpu_count() or 1, min_cpus)
     ray.init(**kwargs)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from phi1_ray.config import DataConfig, SourceConfig
+from phi1_ray.data.exercises import mine_exercises
 from phi1_ray.errors import DataError
 
 PREVIEW_CHARS = 200
@@ -178,7 +179,10 @@ def read_file(entry: FileEntry, source: SourceConfig, cfg: DataConfig, report: R
         return
     if source.type in ("files", "stdlib"):
         text = _decode(data, cfg, report, path, 0)
-        if text is not None and _keep(text, report):
+        if text is not None and source.exercises:
+            for ex in mine_exercises(text):
+                yield Document(ex.prompt, path, ex.line, ex.completion)
+        elif text is not None and _keep(text, report):
             yield Document(text, path, 0)
         return
     for number, raw in enumerate(data.split(b"\n"), start=1):

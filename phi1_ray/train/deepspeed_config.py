@@ -22,7 +22,7 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, precision: str) -> 
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    config = {
         "train_batch_size": train.effective_batch,
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
@@ -40,3 +40,12 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, precision: str) -> 
         "steps_per_print": 10**9,  # progress lines are ours
         "wall_clock_breakdown": False,
     }
+    return merge(config, train.deepspeed)
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

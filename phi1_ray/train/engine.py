@@ -61,6 +61,8 @@ def build_engine(model: Phi1ForCausalLM, train: TrainConfig, optim: OptimConfig,
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
+    if train.compile:
+        model.compile()  # in place: parameter and state-dict names stay those of the model
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 
