@@ -23,7 +23,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[$(EXTRAS)]"
+	$(PIP) install -q -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.torch pyproject.toml

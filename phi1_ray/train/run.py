@@ -112,6 +112,8 @@ def _tokenizer(job: TrainJobConfig, run_dir: Path, log: Any) -> str:
         else:
             log(f"tokenizer: training a {job.model.vocab_size}-entry byte-level BPE offline on data.sources")
             train_from_sources(job.data.sources, job.model.vocab_size, path)
+    if Path(path).exists():
+        path = str(Path(path).resolve())  # workers run elsewhere: a relative path would not reach them
     try:
         check_vocab(load_tokenizer(path), job.model.vocab_size)
     except Phi1Error as exc:
@@ -211,6 +213,8 @@ def run_training(job: TrainJobConfig, log: Any = print) -> dict[str, Any]:
 
     tokenizer = _tokenizer(job, run_dir, log)
     data_dir = job.prepared or str(run_dir / "data")
+    if "://" not in data_dir:
+        data_dir = str(Path(data_dir).resolve())
     if job.prepared:
         manifest = read_manifest(job.prepared)
     else:
