@@ -374,8 +374,6 @@ class TrainJobConfig(Section):
     directory / hub id (e.g. the released phi-1 base weights)."""
     prepared: str | None = None
     """Prepared shards (``jobs/prepare_data.py``); None: ``data`` is prepared into ``run_dir/data`` first."""
-    stream: bool = False
-    """Train on the tokenizing stream directly instead of prepared shards (no resumable data position)."""
     seed: int = 0
     model: ModelConfig = ModelConfig(name="phi-1", attn_pdrop=0.1, resid_pdrop=0.1)
     data: DataConfig = DataConfig()
