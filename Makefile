@@ -39,7 +39,7 @@ demo: $(VENV)/.installed
 	$(PY) jobs/pipeline.py --config configs/pipeline/demo.yaml
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check phi1_ray jobs tests benchmarks serve_apps

@@ -56,6 +56,12 @@ def test_ray_job_submit_then_stop_and_resubmit_continues(tmp_path, tokenizer):
             "--num-cpus=4",
             "--include-dashboard=true",
             f"--dashboard-port={dashboard}",
+            # the session's local Ray instance already holds the default agent and metrics ports
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env,
@@ -88,14 +94,16 @@ def test_ray_job_submit_then_stop_and_resubmit_continues(tmp_path, tokenizer):
         ]
 
         def ray_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-            for _ in range(30):  # the job agent may still be starting
+            for _ in range(12):  # the job agent may still be starting (each try waits 10 s for it)
                 done = subprocess.run(
                     [str(bin_dir / "ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
                 )
                 if "No available agent" not in done.stdout + done.stderr:
                     return done
                 time.sleep(2)
-            return done
+            agent_log = Path("/tmp/ray/session_latest/logs/dashboard_agent.log")
+            tail = agent_log.read_text(errors="replace")[-3000:] if agent_log.is_file() else "(no agent log)"
+            raise AssertionError(f"the head's job agent never registered; dashboard_agent.log:\n{tail}")
 
         # 1. submitted, then stopped by the user once a checkpoint exists
         first = ray_cli(

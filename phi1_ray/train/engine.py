@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any
 
 import torch
@@ -51,8 +52,21 @@ def init_single_process(backend: str = "gloo") -> None:
         deepspeed.init_distributed(dist_backend=backend)
 
 
+def environment_tools_first() -> None:
+    """Put this interpreter's ``bin`` first on ``PATH`` so DeepSpeed builds its ops with the environment's ``ninja``.
+
+    The op cache (``~/.cache/torch_extensions``) records each build's command under a hash that differs between ninja
+    releases; a process finding the system's ninja and another the environment's would rebuild the op every time.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in parts if p != bin_dir)])
+
+
 def build_engine(model: Phi1ForCausalLM, train: TrainConfig, optim: OptimConfig, precision: str) -> Any:
     """``deepspeed.initialize`` with AdamW over :func:`param_groups` and the warmup/decay schedule."""
+    environment_tools_first()
     import deepspeed
 
     config = deepspeed_config(train, optim, precision)
