@@ -413,6 +413,33 @@ class StageJobConfig(Section):
     """Merged over the file, key by key (``{optim: {max_steps: 50}}``)."""
 
 
+class EvalStageConfig(Section):
+    """The pipeline's evaluation stage: the finetuned checkpoint on a benchmark, scored in the sandbox."""
+
+    enabled: bool = True
+    benchmark: str = "humaneval"
+    """humaneval, mbpp or a JSONL file in the HumanEval schema"""
+    limit: int | None = None
+    """only the first N problems (None: all)"""
+    n: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int = 128
+    timeout_s: float = 3.0
+    actors: int = 1
+    """Ray Data actors generating completions (one model replica each)"""
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalStageConfig:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        for name in ("n", "max_new_tokens", "actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        return self
+
+
 class PipelineConfig(Section):
     """The end-to-end job (``jobs/pipeline.py``); stages grow with the project."""
 
@@ -427,6 +454,7 @@ class PipelineConfig(Section):
     mlflow: MlflowConfig = MlflowConfig()
     pretrain: StageJobConfig = StageJobConfig(config="configs/pretrain/tiny.yaml")
     finetune: StageJobConfig = StageJobConfig(config="configs/finetune/tiny.yaml")
+    evaluation: EvalStageConfig = EvalStageConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

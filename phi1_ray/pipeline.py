@@ -74,6 +74,38 @@ def stage_train(job: TrainJobConfig, name: str) -> dict[str, Any]:
     return run_training(job, log=lambda line: log(f"{name}: {line}"))
 
 
+def stage_evaluate(cfg: PipelineConfig, run_dir: Path, mlflow_run_id: str) -> dict[str, Any]:
+    """The finetuned checkpoint on the benchmark: completions from Ray Data actors, scored in the sandbox."""
+    from phi1_ray.evals.generation import EvalSampling
+    from phi1_ray.evals.run import evaluate
+    from phi1_ray.evals.sandbox import Limits
+
+    ev = cfg.evaluation
+    out = run_dir / "eval"
+    if (out / "summary.json").is_file():
+        log(f"evaluate: {out / 'summary.json'} exists, skipped")
+        return json.loads((out / "summary.json").read_text())
+    sampling = EvalSampling(n=ev.n, temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
+    summary = evaluate(
+        ev.benchmark,
+        out,
+        checkpoint=run_dir / "finetune",
+        sampling=sampling,
+        limits=Limits(timeout_s=ev.timeout_s),
+        limit=ev.limit,
+        actors=ev.actors,
+        mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking_uri(cfg.mlflow, run_dir),
+        log=log,
+    )
+    log(
+        f"evaluate: {summary['benchmark']} pass@1 {summary['pass@1']:.3f} over {summary['problems']} problems "
+        f"({summary['passed']} passed, {summary['failed']} failed, {summary['timed_out']} timed out; "
+        f"sandbox: {summary['isolation']}) -> {out}"
+    )
+    return summary
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +152,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
         mlflow.log_metrics({"parameters": model.num_parameters(), "generate_tokens_per_s": new_tokens / seconds})
         mlflow.log_artifact(str(run_dir / "completions.jsonl"))
+        scores = stage_evaluate(cfg, run_dir, run.info.run_id) if cfg.evaluation.enabled else None
+        if scores is not None:
+            summary[f"{scores['benchmark']}_pass@1"] = scores["pass@1"]
+            summary["evaluation"] = {k: scores[k] for k in ("problems", "samples", "passed", "failed", "timed_out")}
         summary.update(
             pretrain_loss=[pre.get("first_loss"), pre.get("last_loss")],
             pretrain_val_loss=[pre.get("first_val_loss"), pre.get("last_val_loss")],

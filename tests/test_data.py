@@ -234,10 +234,8 @@ def test_seeded_shuffle_and_epochs(ray_local, tmp_path, tokenizer):
     plain, out = run_prepare(tmp_path, tokenizer, sources)
     first, a = run_prepare(tmp_path, tokenizer, sources, name="a", shuffle=True, seed=1)
     again, b = run_prepare(tmp_path, tokenizer, sources, name="b", shuffle=True, seed=1)
-    other, c = run_prepare(tmp_path, tokenizer, sources, name="c", shuffle=True, seed=2)
-    assert first["tokens"] == again["tokens"] == other["tokens"] == plain["tokens"]
-    assert read_blocks(a).tobytes() == read_blocks(b).tobytes()
-    assert read_blocks(a).tobytes() != read_blocks(c).tobytes() != read_blocks(out).tobytes()
+    assert first["tokens"] == again["tokens"] == plain["tokens"]
+    assert read_blocks(a).tobytes() == read_blocks(b).tobytes() != read_blocks(out).tobytes()
 
     def rows(ds):
         return [np.asarray(r["tokens"], dtype=np.uint16).tobytes() for r in ds.take_all()]

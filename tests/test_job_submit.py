@@ -86,7 +86,7 @@ def test_ray_job_submit_then_stop_and_resubmit_continues(tmp_path, tokenizer):
             "data.seq_len=64",
             "data.sources=[{type: stdlib, max_bytes: 300000}]",
             "data.val_fraction=0.2",
-            "optim.max_steps=150",
+            "optim.max_steps=100",
             "optim.warmup_steps=2",
             "train.checkpoint_every=10",
             "train.eval_every=50",
@@ -121,13 +121,13 @@ def test_ray_job_submit_then_stop_and_resubmit_continues(tmp_path, tokenizer):
         )
         assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
         deadline = time.time() + 600
-        while not (max(loss_steps(metrics(run_dir)), default=0) >= 15 and registered_checkpoints(run_dir) >= 1):
+        while not (max(loss_steps(metrics(run_dir)), default=0) >= 10 and registered_checkpoints(run_dir) >= 1):
             assert time.time() < deadline, "no checkpoint within 10 minutes"
             time.sleep(0.3)
         stop = ray_cli("job", "stop", "--address", address, "pretrain-1")
         assert stop.returncode == 0, (stop.stdout + stop.stderr)[-3000:]
         stopped_at = max(loss_steps(metrics(run_dir)))
-        assert stopped_at < 150
+        assert stopped_at < 100
 
         # 2. the same command again continues the run from its checkpoint
         second = ray_cli(
@@ -136,12 +136,12 @@ def test_ray_job_submit_then_stop_and_resubmit_continues(tmp_path, tokenizer):
         out = second.stdout + second.stderr
         assert second.returncode == 0, out[-4000:]
         assert "succeeded" in out
-        assert "training in fp32 instead" in out and "step 150/150" in out
+        assert "training in fp32 instead" in out and "step 100/100" in out
         starts = [int(r["resumed_from_step"]) for r in metrics(run_dir) if "resumed_from_step" in r]
         assert starts[0] == 0 and starts[-1] >= 10 and starts[-1] % 10 == 0, starts
         assert f"resumed from the checkpoint of step {starts[-1]}" in out
         summary = json.loads([line for line in out.splitlines() if line.startswith('{"run_dir"')][-1])
-        assert summary["steps"] == 150 and Path(summary["hf"], "config.json").is_file()
+        assert summary["steps"] == 100 and Path(summary["hf"], "config.json").is_file()
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)

@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from phi1_ray.checkpoint import load_model
+from phi1_ray.evals.generation import EvalSampling, complete_with_model, requests
+from phi1_ray.evals.problems import load_benchmark
 from tests.conftest import run_job
 
 
@@ -20,6 +22,8 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
         "tokenizer.sources=[{type: stdlib, max_bytes: 400000}]",
         "data.sources=[{type: stdlib, max_bytes: 300000}]",
         "sampling.max_new_tokens=8",
+        "evaluation.limit=6",
+        "evaluation.max_new_tokens=24",
         "pretrain.overrides={optim: {max_steps: 20, warmup_steps: 2}, train: {checkpoint_every: 10, eval_every: 10}}",
         "finetune.overrides={optim: {max_steps: 10, warmup_steps: 2}, train: {checkpoint_every: 5, eval_every: 5},"
         " data: {sources: [{type: stdlib, exercises: true, max_bytes: 600000}]}}",
@@ -47,13 +51,27 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
 
+    # The HumanEval stage: completions from a Ray Data actor, scored in the sandbox, logged to the pipeline's run.
+    scores = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert scores["benchmark"] == "humaneval" and scores["problems"] == 6 and scores["samples"] == 6
+    assert summary["humaneval_pass@1"] == scores["pass@1"] and "evaluate: humaneval pass@1" in first.stdout
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [s["task_id"] for s in samples] == [f"HumanEval/{i}" for i in range(6)]
+    assert all(s["status"] in ("passed", "failed", "timed_out") for s in samples)
+    # the Ray Data actor's greedy completions are those of the same model in this process
+    here = complete_with_model(
+        ours, tokenizer, requests(load_benchmark("humaneval", limit=6), 1), EvalSampling(max_new_tokens=24)
+    )
+    assert [s["completion"] for s in samples] == [h.completion for h in here]
+
     mlflow.set_tracking_uri(summary["mlflow_uri"])
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.params["model.name"] == "tiny"
     assert run.data.metrics["parameters"] == summary["parameters"]
+    assert run.data.metrics["eval/humaneval/pass_at_1"] == scores["pass@1"]
 
     second = run_job(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "tokenizer: " in second.stdout and "exists, skipped" in second.stdout
-    assert second.stdout.count("exists, skipped") == 4  # tokenizer, data, pretrain, finetune
+    assert second.stdout.count("exists, skipped") == 5  # tokenizer, data, pretrain, finetune, evaluation
     assert (tmp_path / "completions.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)

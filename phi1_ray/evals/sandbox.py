@@ -1,0 +1,691 @@
+"""The execution sandbox: model-written code runs here, one fresh process per sample, behind kernel walls.
+
+Layout of one sample::
+
+    harness thread ──JSON lines──> fork server ──fork──> supervisor C ──fork──> sample S
+    (this process)                 (python -I, stdlib    (enforces the wall    (runs prompt+completion,
+                                    preloaded)            clock, reports S)     then the test's check)
+
+The fork server ("zygote") is started with a scrubbed environment and imports the common standard-library modules
+once, so a sample starts in a few milliseconds without sharing a process with any other sample. Where the kernel
+allows unprivileged user namespaces (``isolation="namespaces"``, the default when available) S runs in fresh user,
+mount, PID and network namespaces:
+
+- the whole filesystem is read-only; the working directory is an empty ``tmpfs`` capped at ``fsize_mb``;
+- no network: the namespace has only a loopback device that is down;
+- S is PID 1 of its namespace: it sees no other process, ``getppid()`` is 0, and when it exits or is killed
+  every process it started dies with it;
+- it runs as an unprivileged user with no capabilities (``RLIMIT_NPROC`` then holds fork bombs).
+
+Everywhere: ``RLIMIT_AS``/``RLIMIT_CPU``/``RLIMIT_NPROC``/``RLIMIT_FSIZE``, a wall-clock timeout after which the process
+group (or namespace) is killed, stdin closed, stdout/stderr captured to a capped file, an environment with nothing
+inherited, and (``audit_hooks=True``) Python audit hooks that refuse sockets, new processes, signals to other
+processes, ``ctypes`` and writes outside the working directory with a clear message. Without namespaces
+(``isolation="basic"``) the audit hooks are what refuses the network.
+
+A sample passes only when the test's ``check`` returned and the harness's own code after it reported so with a nonce
+the sample never sees as a name: ``sys.exit``/``os._exit`` before the end, or an exception, is a failure. Builtins and
+the guarded standard-library modules are restored after the completion ran (so it cannot pre-patch ``abs`` or
+``math.isclose`` for the test), and a sample that patches them while the test runs fails. Forging a pass would need
+deliberate introspection of the harness's memory; the walls above do not depend on that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Queue
+from typing import Any
+
+STATUSES = ("passed", "failed", "timed_out", "error")
+
+# Imported by the fork server so samples can use them without reading the filesystem (S may not be able to).
+PRELOAD = (
+    "abc", "array", "ast", "base64", "binascii", "bisect", "calendar", "cmath", "collections", "collections.abc",
+    "contextlib", "copy", "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools", "hashlib",
+    "heapq", "io", "itertools", "json", "keyword", "math", "numbers", "operator", "pprint", "queue", "random", "re",
+    "shutil", "signal", "socket", "statistics", "string", "struct", "subprocess", "textwrap", "time", "types",
+    "typing", "unicodedata", "zlib",
+)  # fmt: skip
+# Modules whose functions a test may rely on: a sample that swaps one of them fails.
+GUARDED = ("builtins", "math", "cmath", "operator", "functools", "itertools", "collections", "re", "string", "heapq")
+_BLOCKED_EVENTS = {
+    "socket.__new__": "network access",
+    "socket.connect": "network access",
+    "socket.bind": "network access",
+    "socket.getaddrinfo": "network access",
+    "os.system": "starting processes",
+    "subprocess.Popen": "starting processes",
+    "os.exec": "starting processes",
+    "os.posix_spawn": "starting processes",
+    "os.spawn": "starting processes",
+    "os.fork": "starting processes",
+    "os.forkpty": "starting processes",
+    "ctypes.dlopen": "ctypes",
+    "ctypes.dlsym": "ctypes",
+    "gc.get_objects": "heap inspection",
+    "gc.get_referrers": "heap inspection",
+    "gc.get_referents": "heap inspection",
+}
+_PATH_EVENTS = {
+    "os.remove", "os.rmdir", "os.rename", "os.replace", "shutil.rmtree", "os.chmod", "os.chown", "os.truncate",
+    "os.symlink", "os.link", "os.mkdir", "os.utime", "shutil.move", "shutil.copyfile",
+}  # fmt: skip
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+# Linux constants (x86_64 and aarch64 agree on these).
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+_MOUNT_ATTR_RDONLY, _AT_FDCWD, _AT_RECURSIVE, _SYS_MOUNT_SETATTR = 1, -100, 0x8000, 442
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECUREBITS, _PR_CAPBSET_DROP = 38, 28, 24
+_INSIDE_UID = 1000  # the unprivileged user S becomes inside its namespace when the harness runs as root
+_EXIT_TIMED_OUT = 124
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-sample limits. ``cpu_s`` defaults to the wall-clock timeout rounded up, plus one second."""
+
+    timeout_s: float = 3.0
+    memory_mb: int = 1024
+    cpu_s: int | None = None
+    nproc: int = 32
+    fsize_mb: int = 16
+    output_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "memory_mb", "nproc", "fsize_mb", "output_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sandbox limit {name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Program:
+    """What one sample runs: ``code`` (prompt + completion), then ``test``, then ``check(<entry_point>)`` if given."""
+
+    code: str
+    test: str
+    entry_point: str | None = None
+
+
+@dataclass
+class SampleResult:
+    status: str  # one of STATUSES
+    message: str = ""
+    duration_s: float = 0.0
+    output: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass
+class _Server:
+    proc: subprocess.Popen
+    isolation: str
+    reason: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not start (not a verdict on a sample)."""
+
+
+class Sandbox:
+    """A pool of fork servers; :meth:`run` executes one program, :meth:`run_many` many in parallel.
+
+    ``isolation``: ``"auto"`` (namespaces where the kernel allows them, else basic), ``"namespaces"`` (fail if not
+    available) or ``"basic"``. ``audit_hooks=False`` leaves only the kernel's walls (used to test them).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        limits: Limits | None = None,
+        isolation: str = "auto",
+        audit_hooks: bool = True,
+        scratch: str | Path | None = None,
+    ) -> None:
+        if isolation not in ("auto", "namespaces", "basic"):
+            raise ValueError(f"isolation must be one of auto, namespaces, basic; got {isolation!r}")
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.limits = limits or Limits()
+        self.audit_hooks = audit_hooks
+        self._requested = isolation
+        self._scratch = Path(tempfile.mkdtemp(prefix="phi1-sandbox-", dir=scratch))
+        os.chmod(self._scratch, 0o711)
+        self._idle: Queue[_Server] = Queue()
+        self._servers: list[_Server] = []
+        self._closed = False
+        procs = [self._spawn_server() for _ in range(self.workers)]  # they start side by side
+        try:
+            servers = [self._handshake(proc) for proc in procs]
+        except SandboxError:
+            for proc in procs:
+                proc.kill()
+            raise
+        self.isolation = servers[0].isolation
+        self.isolation_note = servers[0].reason
+        for server in servers:
+            self._idle.put(server)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def _spawn_server(self) -> subprocess.Popen:
+        root = str(Path(__file__).resolve().parents[2])
+        code = f"import sys; sys.path.insert(0, {root!r}); from phi1_ray.evals.sandbox import _serve; _serve()"
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        return subprocess.Popen(
+            [sys.executable, "-I", "-c", code, self._requested, str(self._scratch)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd=str(self._scratch),
+            start_new_session=True,
+        )
+
+    def _handshake(self, proc: subprocess.Popen) -> _Server:
+        line = proc.stdout.readline()
+        if not line:
+            raise SandboxError("the sandbox's fork server exited at start")
+        hello = json.loads(line)
+        if "error" in hello:
+            proc.kill()
+            raise SandboxError(hello["error"])
+        server = _Server(proc, hello["isolation"], hello.get("reason", ""))
+        self._servers.append(server)
+        return server
+
+    def _start_server(self) -> _Server:
+        return self._handshake(self._spawn_server())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for server in self._servers:
+            try:
+                server.proc.stdin.close()
+                server.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                server.proc.kill()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- running ---------------------------------------------------------------------------------------------
+    def run(self, program: Program, limits: Limits | None = None) -> SampleResult:
+        limits = limits or self.limits
+        request = {
+            "code": program.code,
+            "test": program.test,
+            "entry_point": program.entry_point,
+            "limits": asdict(limits),
+            "nonce": secrets.token_hex(16),
+            "audit_hooks": self.audit_hooks,
+        }
+        server = self._idle.get()
+        try:
+            server.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            server.proc.stdin.flush()
+            line = server.proc.stdout.readline()
+            if not line:
+                raise OSError("fork server closed its pipe")
+            reply = json.loads(line)
+        except (OSError, ValueError) as exc:
+            server.proc.kill()
+            self._servers.remove(server)
+            server = self._start_server()
+            return SampleResult("error", f"the sandbox's fork server failed: {exc}")
+        finally:
+            self._idle.put(server)
+        return SampleResult(**reply)
+
+    def run_many(self, programs: Iterable[Program]) -> list[SampleResult]:
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self.run, programs))
+
+    def imap(self, programs: Iterable[Program]) -> Iterator[SampleResult]:
+        with ThreadPoolExecutor(self.workers) as pool:
+            yield from pool.map(self.run, programs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Everything below runs in the fork server and its children: standard library only.
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _write_id_maps(pid: int) -> None:
+    """Map the namespace's root to us (for setting up mounts) and, as root, an unprivileged user for the sample."""
+    uid, gid = os.geteuid(), os.getegid()
+    extra_uid = f"{_INSIDE_UID} 65534 1\n" if uid == 0 else ""
+    extra_gid = f"{_INSIDE_UID} 65534 1\n" if uid == 0 else ""
+    for name, data in (
+        ("setgroups", "deny"),
+        ("uid_map", f"0 {uid} 1\n{extra_uid}"),
+        ("gid_map", f"0 {gid} 1\n{extra_gid}"),
+    ):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(data)
+
+
+def _enter_walls(libc: Any, work: str, fsize_mb: int) -> None:
+    """In S, PID 1 of fresh namespaces: read-only root, a tmpfs working directory, its own /proc; then drop root."""
+    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(
+        libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
+        "mount_setattr(ro)",
+    )
+    opts = f"size={fsize_mb}m,mode=0777".encode()
+    _check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "mount tmpfs")
+    _check(libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None), "mount proc")
+    with open("/proc/self/uid_map") as f:
+        unprivileged_user_mapped = any(line.split()[0] == str(_INSIDE_UID) for line in f if line.strip())
+    if unprivileged_user_mapped:
+        os.setgid(_INSIDE_UID)
+        os.setuid(_INSIDE_UID)  # clears every capability
+    else:  # a non-root harness: stay its uid, but without the namespace's capabilities, for good
+        _check(libc.prctl(_PR_SET_SECUREBITS, 0x2F, 0, 0, 0), "securebits")
+        for cap in range(64):
+            libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+        class _Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class _Data(ctypes.Structure):
+            _fields_ = [
+                ("effective", ctypes.c_uint32),
+                ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32),
+            ]
+
+        _check(libc.capset(ctypes.byref(_Header(0x20080522, 0)), (_Data * 2)()), "capset")
+
+
+def _set_limits(limits: dict[str, Any]) -> None:
+    cpu = limits["cpu_s"] or int(limits["timeout_s"]) + 1
+    memory = limits["memory_mb"] * 2**20
+    fsize = limits["fsize_mb"] * 2**20
+    for res, value in (
+        (resource.RLIMIT_AS, memory),
+        (resource.RLIMIT_CPU, cpu),
+        (resource.RLIMIT_NPROC, limits["nproc"]),
+        (resource.RLIMIT_FSIZE, fsize),
+        (resource.RLIMIT_CORE, 0),
+    ):
+        resource.setrlimit(res, (value, value))
+
+
+def _install_audit_hook(work: str) -> None:
+    own = os.getpid()
+
+    def inside(path: Any) -> bool:
+        if isinstance(path, int):
+            return True
+        try:
+            real = os.path.realpath(os.fsdecode(path))
+        except (TypeError, ValueError):
+            return False
+        return real == work or real.startswith(work + os.sep)
+
+    def hook(event: str, args: tuple) -> None:
+        what = _BLOCKED_EVENTS.get(event)
+        if what is not None:
+            raise PermissionError(f"{what} is not allowed in the sandbox ({event})")
+        if event == "open":
+            path, mode, flags = (tuple(args) + (None, None))[:3]
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & _WRITE_FLAGS
+            )
+            if writes and not inside(path):
+                raise PermissionError(f"writing outside the sandbox's directory is not allowed ({path})")
+        elif event in _PATH_EVENTS:
+            for path in args[:2]:
+                if isinstance(path, (str, bytes, os.PathLike)) and not inside(path):
+                    raise PermissionError(f"{event} outside the sandbox's directory is not allowed ({path})")
+        elif event in ("os.kill", "os.killpg") and args and args[0] != own:
+            raise PermissionError(f"signalling other processes is not allowed in the sandbox ({event})")
+
+    sys.addaudithook(hook)
+
+
+def _snapshot() -> dict[str, dict[str, Any]]:
+    return {name: dict(vars(sys.modules[name])) for name in GUARDED if name in sys.modules}
+
+
+def _restore(snapshot: dict[str, dict[str, Any]]) -> None:
+    for name, saved in snapshot.items():
+        current = vars(sys.modules[name])
+        for key, value in saved.items():
+            if current.get(key, _restore) is not value:
+                current[key] = value
+
+
+def _tampered(snapshot: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        f"{name}.{key}"
+        for name, saved in snapshot.items()
+        for key, value in saved.items()
+        if callable(value) and vars(sys.modules[name]).get(key, _tampered) is not value
+    ]
+
+
+def _describe(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    where = ""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename in ("<completion>", "<test>"):
+            where = f" ({tb.tb_frame.f_code.co_filename[1:-1]} line {tb.tb_lineno})"
+        tb = tb.tb_next
+    text = str(exc)
+    return f"{type(exc).__name__}{': ' + text[:300] if text else ''}{where}"
+
+
+def _run_sample(request: dict[str, Any], result_fd: int) -> None:
+    """In S, inside the walls: run the program and write one JSON verdict line with the nonce."""
+    nonce = request.pop("nonce")
+    report_fd = result_fd
+
+    def report(status: str, message: str = "") -> None:
+        os.write(report_fd, json.dumps({"status": status, "message": message, "nonce": nonce}).encode() + b"\n")
+
+    snapshot = _snapshot()
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": sys.modules["builtins"]}
+    stage = "completion"
+    try:
+        exec(compile(request["code"], "<completion>", "exec"), namespace)
+        _restore(snapshot)
+        stage = "test"
+        exec(compile(request["test"], "<test>", "exec"), namespace)
+        entry = request["entry_point"]
+        if entry:
+            if entry not in namespace:
+                report("failed", f"the completion does not define {entry}")
+                return
+            namespace["check"](namespace[entry])
+    except SystemExit as exc:
+        report("failed", f"the {stage} called sys.exit({exc.code!r}) before the test finished")
+        return
+    except MemoryError:
+        report("failed", "MemoryError: the sample exceeded its memory limit")
+        return
+    except BaseException as exc:  # noqa: BLE001 - any exception in model-written code is a failed sample
+        report("failed", _describe(exc))
+        return
+    tampered = _tampered(snapshot)
+    if tampered:
+        report("failed", f"the sample replaced {', '.join(tampered[:5])} while the test ran")
+        return
+    report("passed")
+
+
+def _sample_process(request: dict[str, Any], work: str, out_fd: int, result_fd: int, namespaces: bool) -> None:
+    """S: set up the walls, then run the sample. Never returns."""
+    try:
+        os.setsid()
+        limits = request["limits"]
+        if namespaces:
+            _enter_walls(_libc(), work, limits["fsize_mb"])
+        elif os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+        _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        os.chdir(work)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        keep = {0, 1, 2, result_fd}
+        for fd in range(3, max(result_fd, null, out_fd) + 64):
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.environ.clear()
+        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8", "TMPDIR": work})
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an output flood gets an error, not a silent kill
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        sys.stdin = None
+        _set_limits(limits)
+        if request["audit_hooks"]:
+            _install_audit_hook(os.path.realpath(work))
+        _run_sample(request, result_fd)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass
+    except BaseException as exc:  # noqa: BLE001
+        try:
+            os.write(result_fd, json.dumps({"status": "error", "message": f"sandbox setup: {exc}"}).encode() + b"\n")
+        except OSError:
+            pass
+    os._exit(0)
+
+
+def _supervisor(request: dict[str, Any], work: str, out_fd: int, pipes: dict[str, int], namespaces: bool) -> None:
+    """C: enter the namespaces, start S, kill it at the deadline, report how it ended. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        limits = request["limits"]
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["nproc"], limits["nproc"]))  # the namespace's own cap
+        if namespaces:
+            _check(_libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET), "unshare")
+            os.write(pipes["sync_w"], b"u")
+            if os.read(pipes["go_r"], 1) != b"g":
+                os._exit(1)
+        pid = os.fork()
+        if pid == 0:
+            os.close(pipes["status_w"])
+            _sample_process(request, work, out_fd, pipes["result_w"], namespaces)
+        os.close(pipes["result_w"])
+        timed_out = False
+
+        def on_deadline(*_: object) -> None:
+            nonlocal timed_out
+            timed_out = True
+            for kill in (os.kill, os.killpg):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+        signal.signal(signal.SIGALRM, on_deadline)
+        signal.setitimer(signal.ITIMER_REAL, limits["timeout_s"])
+        _, status = os.waitpid(pid, 0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if not namespaces:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # whatever the sample left running in its group
+            except OSError:
+                pass
+        exit_info = {"timed_out": timed_out, "exit": os.waitstatus_to_exitcode(status)}
+        os.write(pipes["status_w"], json.dumps(exit_info).encode())
+        code = _EXIT_TIMED_OUT if timed_out else 0
+    except BaseException as exc:  # noqa: BLE001
+        try:
+            os.write(pipes["status_w"], json.dumps({"error": f"sandbox supervisor: {exc}"}).encode())
+        except OSError:
+            pass
+    os._exit(code)
+
+
+def _read_byte(fd: int, deadline: float) -> bytes:
+    ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+    return os.read(fd, 1) if ready else b""
+
+
+def _read_all(fd: int, deadline: float, cap: int = 1 << 16) -> bytes:
+    """Everything written to ``fd`` until its last writer closes it (keeping at most ``cap`` bytes)."""
+    chunks, size = [], 0
+    while True:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], wait)
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        if size < cap:
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks)
+
+
+def _verdict(request: dict[str, Any], result: bytes, status: dict[str, Any], output: str) -> dict[str, Any]:
+    nonce = request["nonce"]
+    if "error" in status:
+        return {"status": "error", "message": status["error"]}
+    if status.get("timed_out"):
+        return {"status": "timed_out", "message": f"wall-clock timeout of {request['limits']['timeout_s']} s"}
+    lines = [line for line in result.decode(errors="replace").splitlines() if line.strip()]
+    verdict = None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and (record.get("nonce") == nonce or record.get("status") == "error"):
+            verdict = record
+    code = status.get("exit")
+    if verdict is None:
+        how = f"killed by signal {-code}" if isinstance(code, int) and code < 0 else f"exit status {code}"
+        if code == -signal.SIGXCPU or code == -signal.SIGKILL:
+            how += " (CPU or memory limit)"
+        return {"status": "failed", "message": f"the sample ended before the test finished ({how})"}
+    return {"status": verdict["status"], "message": verdict.get("message", "")}
+
+
+def _probe_namespaces() -> str:
+    """'' when a sample can be put in fresh namespaces here, else why not."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        return str(exc)
+    if pid == 0:
+        ok = _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET) == 0
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    return "" if os.waitstatus_to_exitcode(status) == 0 else "unshare(user, mount, pid, net) is refused by this kernel"
+
+
+def _serve() -> None:
+    """The fork server's loop: one JSON request per line on stdin, one JSON result per line on stdout."""
+    requested, scratch = sys.argv[1], sys.argv[2]
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    reason = _probe_namespaces() if requested != "basic" else "basic isolation was asked for"
+    if requested == "namespaces" and reason:
+        sys.stdout.write(json.dumps({"error": f"isolation='namespaces' is unavailable: {reason}"}) + "\n")
+        sys.stdout.flush()
+        return
+    namespaces = not reason
+    out = sys.stdout.buffer
+    out.write(json.dumps({"isolation": "namespaces" if namespaces else "basic", "reason": reason}).encode() + b"\n")
+    out.flush()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        out.write(json.dumps(_run_one(request, scratch, namespaces)).encode() + b"\n")
+        out.flush()
+
+
+def _run_one(request: dict[str, Any], scratch: str, namespaces: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    box = tempfile.mkdtemp(prefix="s-", dir=scratch)
+    os.chmod(box, 0o711)  # the sample's unprivileged user must reach its working directory
+    work = os.path.join(box, "work")
+    os.mkdir(work, 0o700)
+    if not namespaces and os.geteuid() == 0:
+        os.chown(work, 65534, 65534)
+    out_path = os.path.join(box, "output")
+    out_fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if not namespaces and os.geteuid() == 0:
+        os.fchown(out_fd, 65534, 65534)
+    result_r, result_w = os.pipe()
+    status_r, status_w = os.pipe()
+    sync_r, sync_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pipes = {"result_w": result_w, "status_w": status_w, "sync_w": sync_w, "go_r": go_r}
+    pid = os.fork()
+    if pid == 0:
+        for fd in (result_r, status_r, sync_r, go_w, 0, 1):
+            os.close(fd)
+        _supervisor(request, work, out_fd, pipes, namespaces)
+    for fd in (result_w, status_w, sync_w, go_r, out_fd):
+        os.close(fd)
+    limits = request["limits"]
+    deadline = started + limits["timeout_s"] + 10
+    try:
+        if namespaces:
+            if _read_byte(sync_r, deadline) == b"u":
+                _write_id_maps(pid)
+                os.write(go_w, b"g")
+        result = _read_all(result_r, deadline)
+        status_raw = _read_all(status_r, deadline)
+        try:
+            status = json.loads(status_raw) if status_raw else {"error": "the sandbox supervisor did not report"}
+        except ValueError:
+            status = {"error": "the sandbox supervisor's report is unreadable"}
+    finally:
+        if time.monotonic() > deadline:  # the supervisor itself is stuck: take down its whole group
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        os.waitpid(pid, 0)
+        for fd in (result_r, status_r, sync_r, go_w):
+            os.close(fd)
+    with open(out_path, "rb") as f:
+        output = f.read(limits["output_bytes"]).decode(errors="replace")
+    shutil.rmtree(box, ignore_errors=True)
+    verdict = _verdict(request, result, status, output)
+    return {**verdict, "duration_s": round(time.monotonic() - started, 4), "output": output}
