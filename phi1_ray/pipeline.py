@@ -153,9 +153,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         mlflow.log_metrics({"parameters": model.num_parameters(), "generate_tokens_per_s": new_tokens / seconds})
         mlflow.log_artifact(str(run_dir / "completions.jsonl"))
         scores = stage_evaluate(cfg, run_dir, run.info.run_id) if cfg.evaluation.enabled else None
-        if scores is not None:
-            summary[f"{scores['benchmark']}_pass@1"] = scores["pass@1"]
-            summary["evaluation"] = {k: scores[k] for k in ("problems", "samples", "passed", "failed", "timed_out")}
         summary.update(
             pretrain_loss=[pre.get("first_loss"), pre.get("last_loss")],
             pretrain_val_loss=[pre.get("first_val_loss"), pre.get("last_val_loss")],
@@ -175,6 +172,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             mlflow_uri=tracking_uri(cfg.mlflow, run_dir),
             mlflow_run_id=run.info.run_id,
         )
+        if scores is not None:
+            summary[f"{scores['benchmark']}_pass@1"] = scores["pass@1"]
+            summary["evaluation"] = {k: scores[k] for k in ("problems", "samples", "passed", "failed", "timed_out")}
     log("summary:\n" + json.dumps(summary, indent=2))
     log(f"generate again with: python jobs/generate.py --checkpoint {run_dir / 'finetune'} --prompt 'def add(a, b):'")
     return summary

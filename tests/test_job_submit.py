@@ -46,13 +46,14 @@ def test_ray_job_submit_then_stop_and_resubmit_continues(tmp_path, tokenizer):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     dashboard = _free_port()
+    gcs_port = _free_port()
     head = subprocess.Popen(
         [
             str(bin_dir / "ray"),
             "start",
             "--head",
             "--block",
-            f"--port={_free_port()}",
+            f"--port={gcs_port}",
             "--num-cpus=4",
             "--include-dashboard=true",
             f"--dashboard-port={dashboard}",
@@ -148,3 +149,7 @@ def test_ray_job_submit_then_stop_and_resubmit_continues(tmp_path, tokenizer):
             head.wait(timeout=60)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(head.pid, signal.SIGKILL)
+        # as `ray stop` does: later Ray processes on this machine must not find the dead cluster's address
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()

@@ -1,21 +1,21 @@
 """The execution sandbox: model-written code runs here, one fresh process per sample, behind kernel walls.
 
-Layout of one sample::
+Layout::
 
-    harness thread ──JSON lines──> fork server ──fork──> supervisor C ──fork──> sample S
-    (this process)                 (python -I, stdlib    (enforces the wall    (runs prompt+completion,
-                                    preloaded)            clock, reports S)     then the test's check)
+    harness thread ──JSON lines──> fork server ──fork (one per sample)──> sample
+    (this process)                 (python -I, stdlib preloaded;           (prompt + completion, then the
+                                    enforces each sample's deadline)        test's check)
 
 The fork server ("zygote") is started with a scrubbed environment and imports the common standard-library modules
 once, so a sample starts in a few milliseconds without sharing a process with any other sample. Where the kernel
-allows unprivileged user namespaces (``isolation="namespaces"``, the default when available) S runs in fresh user,
-mount, PID and network namespaces:
+allows user namespaces (``isolation="namespaces"``, the default when available) the server moves once into fresh
+user, mount and PID namespaces with the whole filesystem read-only, and each sample then gets namespaces of its own:
 
-- the whole filesystem is read-only; the working directory is an empty ``tmpfs`` capped at ``fsize_mb``;
-- no network: the namespace has only a loopback device that is down;
-- S is PID 1 of its namespace: it sees no other process, ``getppid()`` is 0, and when it exits or is killed
-  every process it started dies with it;
-- it runs as an unprivileged user with no capabilities (``RLIMIT_NPROC`` then holds fork bombs).
+- a fresh PID namespace whose PID 1 is the sample: it sees no other process, ``getppid()`` is 0, and when it exits
+  or is killed every process it started dies with it;
+- a fresh network namespace: only a loopback device, and it is down;
+- a fresh mount namespace whose working directory is an empty ``tmpfs`` capped at ``fsize_mb``;
+- an unprivileged user with no capabilities (``RLIMIT_NPROC`` then holds fork bombs).
 
 Everywhere: ``RLIMIT_AS``/``RLIMIT_CPU``/``RLIMIT_NPROC``/``RLIMIT_FSIZE``, a wall-clock timeout after which the process
 group (or namespace) is killed, stdin closed, stdout/stderr captured to a capped file, an environment with nothing
@@ -33,24 +33,23 @@ deliberate introspection of the harness's memory; the walls above do not depend 
 from __future__ import annotations
 
 import ctypes
+import functools
+import itertools
 import json
 import os
 import resource
-import secrets
 import select
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from queue import Queue
 from typing import Any
+
+# The fork server imports this module too: what only the harness needs (threads, subprocess, secrets) is imported
+# inside its methods, because every module the server holds makes each of its forks slower.
 
 STATUSES = ("passed", "failed", "timed_out", "error")
 
@@ -58,8 +57,8 @@ STATUSES = ("passed", "failed", "timed_out", "error")
 PRELOAD = (
     "abc", "array", "ast", "base64", "binascii", "bisect", "calendar", "cmath", "collections", "collections.abc",
     "contextlib", "copy", "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools", "hashlib",
-    "heapq", "io", "itertools", "json", "keyword", "math", "numbers", "operator", "pprint", "queue", "random", "re",
-    "shutil", "signal", "socket", "statistics", "string", "struct", "subprocess", "textwrap", "time", "types",
+    "heapq", "io", "itertools", "json", "keyword", "math", "numbers", "operator", "pprint", "random", "re",
+    "shutil", "signal", "socket", "statistics", "string", "struct", "textwrap", "time", "types",
     "typing", "unicodedata", "zlib",
 )  # fmt: skip
 # Modules whose functions a test may rely on: a sample that swaps one of them fails.
@@ -94,7 +93,7 @@ _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 16384, 1 << 1
 _MOUNT_ATTR_RDONLY, _AT_FDCWD, _AT_RECURSIVE, _SYS_MOUNT_SETATTR = 1, -100, 0x8000, 442
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECUREBITS, _PR_CAPBSET_DROP = 38, 28, 24
 _INSIDE_UID = 1000  # the unprivileged user S becomes inside its namespace when the harness runs as root
-_EXIT_TIMED_OUT = 124
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -137,10 +136,9 @@ class SampleResult:
 
 @dataclass
 class _Server:
-    proc: subprocess.Popen
+    proc: Any  # subprocess.Popen
     isolation: str
     reason: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class SandboxError(RuntimeError):
@@ -164,13 +162,16 @@ class Sandbox:
     ) -> None:
         if isolation not in ("auto", "namespaces", "basic"):
             raise ValueError(f"isolation must be one of auto, namespaces, basic; got {isolation!r}")
+        import tempfile
+        from queue import Queue
+
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.limits = limits or Limits()
         self.audit_hooks = audit_hooks
         self._requested = isolation
         self._scratch = Path(tempfile.mkdtemp(prefix="phi1-sandbox-", dir=scratch))
         os.chmod(self._scratch, 0o711)
-        self._idle: Queue[_Server] = Queue()
+        self._idle: Queue = Queue()
         self._servers: list[_Server] = []
         self._closed = False
         procs = [self._spawn_server() for _ in range(self.workers)]  # they start side by side
@@ -186,12 +187,14 @@ class Sandbox:
             self._idle.put(server)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
-    def _spawn_server(self) -> subprocess.Popen:
+    def _spawn_server(self) -> Any:
+        import subprocess
+
         root = str(Path(__file__).resolve().parents[2])
         code = f"import sys; sys.path.insert(0, {root!r}); from phi1_ray.evals.sandbox import _serve; _serve()"
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         return subprocess.Popen(
-            [sys.executable, "-I", "-c", code, self._requested, str(self._scratch)],
+            [sys.executable, "-I", "-c", code, self._requested, str(self._scratch), str(self.limits.nproc)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -200,7 +203,7 @@ class Sandbox:
             start_new_session=True,
         )
 
-    def _handshake(self, proc: subprocess.Popen) -> _Server:
+    def _handshake(self, proc: Any) -> _Server:
         line = proc.stdout.readline()
         if not line:
             raise SandboxError("the sandbox's fork server exited at start")
@@ -216,6 +219,8 @@ class Sandbox:
         return self._handshake(self._spawn_server())
 
     def close(self) -> None:
+        import subprocess
+
         if self._closed:
             return
         self._closed = True
@@ -235,6 +240,8 @@ class Sandbox:
 
     # -- running ---------------------------------------------------------------------------------------------
     def run(self, program: Program, limits: Limits | None = None) -> SampleResult:
+        import secrets
+
         limits = limits or self.limits
         request = {
             "code": program.code,
@@ -262,10 +269,14 @@ class Sandbox:
         return SampleResult(**reply)
 
     def run_many(self, programs: Iterable[Program]) -> list[SampleResult]:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(self.run, programs))
 
     def imap(self, programs: Iterable[Program]) -> Iterator[SampleResult]:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(self.workers) as pool:
             yield from pool.map(self.run, programs)
 
@@ -274,6 +285,7 @@ class Sandbox:
 # Everything below runs in the fork server and its children: standard library only.
 
 
+@functools.cache
 def _libc() -> Any:
     return ctypes.CDLL(None, use_errno=True)
 
@@ -290,54 +302,6 @@ class _MountAttr(ctypes.Structure):
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
     ]
-
-
-def _write_id_maps(pid: int) -> None:
-    """Map the namespace's root to us (for setting up mounts) and, as root, an unprivileged user for the sample."""
-    uid, gid = os.geteuid(), os.getegid()
-    extra_uid = f"{_INSIDE_UID} 65534 1\n" if uid == 0 else ""
-    extra_gid = f"{_INSIDE_UID} 65534 1\n" if uid == 0 else ""
-    for name, data in (
-        ("setgroups", "deny"),
-        ("uid_map", f"0 {uid} 1\n{extra_uid}"),
-        ("gid_map", f"0 {gid} 1\n{extra_gid}"),
-    ):
-        with open(f"/proc/{pid}/{name}", "w") as f:
-            f.write(data)
-
-
-def _enter_walls(libc: Any, work: str, fsize_mb: int) -> None:
-    """In S, PID 1 of fresh namespaces: read-only root, a tmpfs working directory, its own /proc; then drop root."""
-    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
-    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
-    _check(
-        libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
-        "mount_setattr(ro)",
-    )
-    opts = f"size={fsize_mb}m,mode=0777".encode()
-    _check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "mount tmpfs")
-    _check(libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None), "mount proc")
-    with open("/proc/self/uid_map") as f:
-        unprivileged_user_mapped = any(line.split()[0] == str(_INSIDE_UID) for line in f if line.strip())
-    if unprivileged_user_mapped:
-        os.setgid(_INSIDE_UID)
-        os.setuid(_INSIDE_UID)  # clears every capability
-    else:  # a non-root harness: stay its uid, but without the namespace's capabilities, for good
-        _check(libc.prctl(_PR_SET_SECUREBITS, 0x2F, 0, 0, 0), "securebits")
-        for cap in range(64):
-            libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
-
-        class _Header(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-        class _Data(ctypes.Structure):
-            _fields_ = [
-                ("effective", ctypes.c_uint32),
-                ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32),
-            ]
-
-        _check(libc.capset(ctypes.byref(_Header(0x20080522, 0)), (_Data * 2)()), "capset")
 
 
 def _set_limits(limits: dict[str, Any]) -> None:
@@ -457,17 +421,106 @@ def _run_sample(request: dict[str, Any], result_fd: int) -> None:
     report("passed")
 
 
+def _write_id_maps(pid: int) -> None:
+    """Map the namespace's root to us and, when we are root, an unprivileged user for the samples."""
+    uid, gid = os.geteuid(), os.getegid()
+    extra = f"{_INSIDE_UID} 65534 1\n" if uid == 0 else ""
+    for name, data in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n{extra}"), ("gid_map", f"0 {gid} 1\n{extra}")):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(data)
+
+
+def _mount(libc: Any, source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None) -> None:
+    _check(libc.mount(source, target.encode(), fstype, flags, data), f"mount {target}")
+
+
+def _enter_zygote_namespaces(scratch: str, nproc: int) -> str:
+    """Called once by the fork server: move it into fresh user, mount and PID namespaces with a read-only root.
+
+    Returns '' on success, else why the kernel refused (the caller then falls back to basic isolation).
+    The server becomes PID 1 of its PID namespace, so it may later give each sample a PID namespace of its own.
+    """
+    libc = _libc()
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))  # becomes the user namespace's own process cap
+    sync_r, sync_w = os.pipe()
+    done_r, done_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # stays in the parent namespaces, where it may write our id maps
+        os.close(sync_w)
+        os.close(done_r)
+        ok = os.read(sync_r, 1) == b"u"
+        try:
+            if ok:
+                _write_id_maps(os.getppid())
+            os.write(done_w, b"d")
+        except OSError:
+            os.write(done_w, b"f")
+        os._exit(0)
+    os.close(sync_r)
+    os.close(done_w)
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID) != 0:
+        reason = f"unshare(user, mount, pid) is refused here: {os.strerror(ctypes.get_errno())}"
+        os.close(sync_w)
+        os.waitpid(helper, 0)
+        return reason
+    os.write(sync_w, b"u")
+    mapped = os.read(done_r, 1) == b"d"
+    os.waitpid(helper, 0)
+    if not mapped:
+        os._exit(3)  # half inside a user namespace without ids: nothing sensible is left to do
+    server = os.fork()  # PID 1 of the new PID namespace: the fork server from here on
+    if server != 0:
+        _, status = os.waitpid(server, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the process the harness started
+    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE, None)
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(
+        libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
+        "mount_setattr(read-only /)",
+    )
+    _mount(libc, b"tmpfs", scratch, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0711")
+    _mount(libc, b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+    return ""
+
+
+def _drop_privileges(libc: Any) -> None:
+    """Become the namespace's unprivileged user (root harness) or give up every capability (other harnesses)."""
+    with open("/proc/self/uid_map") as f:
+        unprivileged_user_mapped = any(line.split()[0] == str(_INSIDE_UID) for line in f if line.strip())
+    if unprivileged_user_mapped:
+        os.setgid(_INSIDE_UID)
+        os.setuid(_INSIDE_UID)  # clears every capability
+        return
+    _check(libc.prctl(_PR_SET_SECUREBITS, 0x2F, 0, 0, 0), "securebits")
+    for cap in range(64):
+        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+    class _Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class _Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    _check(libc.capset(ctypes.byref(_Header(0x20080522, 0)), (_Data * 2)()), "capset")
+
+
 def _sample_process(request: dict[str, Any], work: str, out_fd: int, result_fd: int, namespaces: bool) -> None:
     """S: set up the walls, then run the sample. Never returns."""
     try:
         os.setsid()
         limits = request["limits"]
-        if namespaces:
-            _enter_walls(_libc(), work, limits["fsize_mb"])
+        libc = _libc()
+        if namespaces:  # PID 1 of a fresh PID namespace; now fresh network and mount namespaces too
+            _check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS), "unshare(net, mount)")
+            opts = f"size={limits['fsize_mb']}m,mode=0777".encode()
+            _mount(libc, b"tmpfs", work, b"tmpfs", _MS_NOSUID | _MS_NODEV, opts)
+            _mount(libc, b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+            _drop_privileges(libc)
         elif os.geteuid() == 0:
             os.setgid(65534)
             os.setuid(65534)
-        _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         os.chdir(work)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -504,188 +557,119 @@ def _sample_process(request: dict[str, Any], work: str, out_fd: int, result_fd: 
     os._exit(0)
 
 
-def _supervisor(request: dict[str, Any], work: str, out_fd: int, pipes: dict[str, int], namespaces: bool) -> None:
-    """C: enter the namespaces, start S, kill it at the deadline, report how it ended. Never returns."""
-    code = 1
-    try:
-        os.setsid()
-        limits = request["limits"]
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits["nproc"], limits["nproc"]))  # the namespace's own cap
-        if namespaces:
-            _check(_libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET), "unshare")
-            os.write(pipes["sync_w"], b"u")
-            if os.read(pipes["go_r"], 1) != b"g":
-                os._exit(1)
-        pid = os.fork()
-        if pid == 0:
-            os.close(pipes["status_w"])
-            _sample_process(request, work, out_fd, pipes["result_w"], namespaces)
-        os.close(pipes["result_w"])
-        timed_out = False
-
-        def on_deadline(*_: object) -> None:
-            nonlocal timed_out
-            timed_out = True
-            for kill in (os.kill, os.killpg):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-
-        signal.signal(signal.SIGALRM, on_deadline)
-        signal.setitimer(signal.ITIMER_REAL, limits["timeout_s"])
-        _, status = os.waitpid(pid, 0)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        if not namespaces:
-            try:
-                os.killpg(pid, signal.SIGKILL)  # whatever the sample left running in its group
-            except OSError:
-                pass
-        exit_info = {"timed_out": timed_out, "exit": os.waitstatus_to_exitcode(status)}
-        os.write(pipes["status_w"], json.dumps(exit_info).encode())
-        code = _EXIT_TIMED_OUT if timed_out else 0
-    except BaseException as exc:  # noqa: BLE001
-        try:
-            os.write(pipes["status_w"], json.dumps({"error": f"sandbox supervisor: {exc}"}).encode())
-        except OSError:
-            pass
-    os._exit(code)
-
-
-def _read_byte(fd: int, deadline: float) -> bytes:
-    ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-    return os.read(fd, 1) if ready else b""
-
-
-def _read_all(fd: int, deadline: float, cap: int = 1 << 16) -> bytes:
-    """Everything written to ``fd`` until its last writer closes it (keeping at most ``cap`` bytes)."""
-    chunks, size = [], 0
-    while True:
+def _read_until_exit(result_r: int, pidfd: int, deadline: float, cap: int = 1 << 16) -> tuple[bytes, bool]:
+    """What the sample wrote, until it exited and the pipe drained; (data, True) if the deadline came first."""
+    chunks, size, exited, pipe_open = [], 0, False, True
+    while pipe_open:
         wait = deadline - time.monotonic()
         if wait <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], wait)
-        if not ready:
-            break
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        if size < cap:
-            chunks.append(chunk)
-            size += len(chunk)
-    return b"".join(chunks)
+            return b"".join(chunks), True
+        ready, _, _ = select.select([result_r] + ([] if exited else [pidfd]), [], [], wait if not exited else 0.05)
+        if not ready and exited:
+            break  # exited; whatever still holds the pipe open is killed by the caller
+        if pidfd in ready:
+            exited = True
+        if result_r in ready:
+            chunk = os.read(result_r, 65536)
+            if not chunk:
+                pipe_open = False
+            elif size < cap:
+                chunks.append(chunk)
+                size += len(chunk)
+    return b"".join(chunks), False
 
 
-def _verdict(request: dict[str, Any], result: bytes, status: dict[str, Any], output: str) -> dict[str, Any]:
-    nonce = request["nonce"]
-    if "error" in status:
-        return {"status": "error", "message": status["error"]}
-    if status.get("timed_out"):
+def _verdict(request: dict[str, Any], result: bytes, timed_out: bool, code: int | None) -> dict[str, Any]:
+    if timed_out:
         return {"status": "timed_out", "message": f"wall-clock timeout of {request['limits']['timeout_s']} s"}
-    lines = [line for line in result.decode(errors="replace").splitlines() if line.strip()]
     verdict = None
-    for line in lines:
+    for line in result.decode(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and (record.get("nonce") == nonce or record.get("status") == "error"):
+        if isinstance(record, dict) and (record.get("nonce") == request["nonce"] or record.get("status") == "error"):
             verdict = record
-    code = status.get("exit")
     if verdict is None:
         how = f"killed by signal {-code}" if isinstance(code, int) and code < 0 else f"exit status {code}"
-        if code == -signal.SIGXCPU or code == -signal.SIGKILL:
+        if code in (-signal.SIGXCPU, -signal.SIGKILL):
             how += " (CPU or memory limit)"
         return {"status": "failed", "message": f"the sample ended before the test finished ({how})"}
     return {"status": verdict["status"], "message": verdict.get("message", "")}
 
 
-def _probe_namespaces() -> str:
-    """'' when a sample can be put in fresh namespaces here, else why not."""
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        return str(exc)
-    if pid == 0:
-        ok = _libc().unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET) == 0
-        os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    return "" if os.waitstatus_to_exitcode(status) == 0 else "unshare(user, mount, pid, net) is refused by this kernel"
-
-
 def _serve() -> None:
     """The fork server's loop: one JSON request per line on stdin, one JSON result per line on stdout."""
-    requested, scratch = sys.argv[1], sys.argv[2]
+    requested, scratch, nproc = sys.argv[1], sys.argv[2], int(sys.argv[3])
     for name in PRELOAD:
         try:
             __import__(name)
         except ImportError:
             pass
-    reason = _probe_namespaces() if requested != "basic" else "basic isolation was asked for"
+    reason = "basic isolation was asked for"
+    if requested != "basic":
+        reason = _enter_zygote_namespaces(scratch, nproc)
     if requested == "namespaces" and reason:
         sys.stdout.write(json.dumps({"error": f"isolation='namespaces' is unavailable: {reason}"}) + "\n")
         sys.stdout.flush()
         return
     namespaces = not reason
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if namespaces else -1
     out = sys.stdout.buffer
     out.write(json.dumps({"isolation": "namespaces" if namespaces else "basic", "reason": reason}).encode() + b"\n")
     out.flush()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for line in sys.stdin.buffer:
         request = json.loads(line)
-        out.write(json.dumps(_run_one(request, scratch, namespaces)).encode() + b"\n")
+        out.write(json.dumps(_run_one(request, scratch, namespaces, own_pid_ns)).encode() + b"\n")
         out.flush()
 
 
-def _run_one(request: dict[str, Any], scratch: str, namespaces: bool) -> dict[str, Any]:
+_SAMPLE_IDS = itertools.count()
+
+
+def _run_one(request: dict[str, Any], scratch: str, namespaces: bool, own_pid_ns: int) -> dict[str, Any]:
+    """Fork one sample (PID 1 of a fresh PID namespace when namespaces are on), enforce its deadline, read it."""
     started = time.monotonic()
-    box = tempfile.mkdtemp(prefix="s-", dir=scratch)
+    limits = request["limits"]
+    box = os.path.join(scratch, f"s-{os.getpid()}-{next(_SAMPLE_IDS)}")
+    os.mkdir(box, 0o711)
     os.chmod(box, 0o711)  # the sample's unprivileged user must reach its working directory
     work = os.path.join(box, "work")
-    os.mkdir(work, 0o700)
-    if not namespaces and os.geteuid() == 0:
-        os.chown(work, 65534, 65534)
+    os.mkdir(work, 0o777 if namespaces else 0o700)
     out_path = os.path.join(box, "output")
     out_fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     if not namespaces and os.geteuid() == 0:
+        os.chown(work, 65534, 65534)
         os.fchown(out_fd, 65534, 65534)
     result_r, result_w = os.pipe()
-    status_r, status_w = os.pipe()
-    sync_r, sync_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pipes = {"result_w": result_w, "status_w": status_w, "sync_w": sync_w, "go_r": go_r}
+    libc = _libc()
+    if namespaces:
+        _check(libc.unshare(_CLONE_NEWPID), "unshare(pid)")  # the next child is PID 1 of a fresh namespace
     pid = os.fork()
     if pid == 0:
-        for fd in (result_r, status_r, sync_r, go_w, 0, 1):
+        os.close(result_r)
+        for fd in (0, 1):
             os.close(fd)
-        _supervisor(request, work, out_fd, pipes, namespaces)
-    for fd in (result_w, status_w, sync_w, go_r, out_fd):
-        os.close(fd)
-    limits = request["limits"]
-    deadline = started + limits["timeout_s"] + 10
+        _sample_process(request, work, out_fd, result_w, namespaces)
+    if namespaces:
+        _check(libc.setns(own_pid_ns, _CLONE_NEWPID), "setns(pid)")  # later children: our namespace again
+    os.close(result_w)
+    os.close(out_fd)
+    pidfd = os.pidfd_open(pid)
     try:
-        if namespaces:
-            if _read_byte(sync_r, deadline) == b"u":
-                _write_id_maps(pid)
-                os.write(go_w, b"g")
-        result = _read_all(result_r, deadline)
-        status_raw = _read_all(status_r, deadline)
-        try:
-            status = json.loads(status_raw) if status_raw else {"error": "the sandbox supervisor did not report"}
-        except ValueError:
-            status = {"error": "the sandbox supervisor's report is unreadable"}
+        result, timed_out = _read_until_exit(result_r, pidfd, started + limits["timeout_s"])
     finally:
-        if time.monotonic() > deadline:  # the supervisor itself is stuck: take down its whole group
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        os.waitpid(pid, 0)
-        for fd in (result_r, status_r, sync_r, go_w):
-            os.close(fd)
+        for kill in (os.kill, os.killpg):  # the sample's namespace, or (basic) its process group
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _, status = os.waitpid(pid, 0)
+        os.close(pidfd)
+        os.close(result_r)
     with open(out_path, "rb") as f:
         output = f.read(limits["output_bytes"]).decode(errors="replace")
     shutil.rmtree(box, ignore_errors=True)
-    verdict = _verdict(request, result, status, output)
+    verdict = _verdict(request, result, timed_out, os.waitstatus_to_exitcode(status))
     return {**verdict, "duration_s": round(time.monotonic() - started, 4), "output": output}
