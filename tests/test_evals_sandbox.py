@@ -177,3 +177,12 @@ def test_canonical_solutions_pass_and_stubs_fail_reproducibly():
     assert not failing, failing[:5]
     assert all(r.status == "failed" for r in first[164:]), [r for r in first[164:] if r.status != "failed"][:3]
     assert [(r.status, r.message) for r in first] == [(r.status, r.message) for r in second]
+
+
+def test_standard_library_imports_beyond_the_preloaded_ones(box):
+    """Inside namespaces the import path is bound where the unprivileged sample user can read it."""
+    if box.isolation != "namespaces":
+        pytest.skip("basic isolation as root imports what the fork server pre-loaded, or a world-readable stdlib")
+    code = "import queue, fractions, xml.dom.minidom\ndef add(a, b):\n    return int(fractions.Fraction(a) + b)\n"
+    result = box.run(Program(code, CHECK, "add"))
+    assert result.passed, result

@@ -89,7 +89,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 # Linux constants (x86_64 and aarch64 agree on these).
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 _MOUNT_ATTR_RDONLY, _AT_FDCWD, _AT_RECURSIVE, _SYS_MOUNT_SETATTR = 1, -100, 0x8000, 442
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECUREBITS, _PR_CAPBSET_DROP = 38, 28, 24
 _INSIDE_UID = 1000  # the unprivileged user S becomes inside its namespace when the harness runs as root
@@ -434,6 +434,9 @@ def _mount(libc: Any, source: bytes | None, target: str, fstype: bytes | None, f
     _check(libc.mount(source, target.encode(), fstype, flags, data), f"mount {target}")
 
 
+_SAMPLE_PATH: list[str] = []  # the import path samples use inside the namespaces (see below)
+
+
 def _enter_zygote_namespaces(scratch: str, nproc: int) -> str:
     """Called once by the fork server: move it into fresh user, mount and PID namespaces with a read-only root.
 
@@ -481,6 +484,15 @@ def _enter_zygote_namespaces(scratch: str, nproc: int) -> str:
     )
     _mount(libc, b"tmpfs", scratch, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0711")
     _mount(libc, b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+    # The interpreter's import path, bound (read-only, like everything) where the samples' unprivileged user can
+    # reach it: a Python installed under a private home directory still imports its standard library.
+    libs = os.path.join(scratch, "lib")
+    os.mkdir(libs, 0o755)
+    for index, entry in enumerate(path for path in sys.path if path and os.path.isdir(path)):
+        target = os.path.join(libs, str(index))
+        os.mkdir(target, 0o755)
+        _mount(libc, entry.encode(), target, None, _MS_BIND | _MS_REC, None)
+        _SAMPLE_PATH.append(target)
     return ""
 
 
@@ -517,6 +529,8 @@ def _sample_process(request: dict[str, Any], work: str, out_fd: int, result_fd: 
             _mount(libc, b"tmpfs", work, b"tmpfs", _MS_NOSUID | _MS_NODEV, opts)
             _mount(libc, b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
             _drop_privileges(libc)
+            sys.path[:] = _SAMPLE_PATH
+            sys.path_importer_cache.clear()
         elif os.geteuid() == 0:
             os.setgid(65534)
             os.setuid(65534)
