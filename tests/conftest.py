@@ -39,16 +39,32 @@ def tokenizer(tmp_path_factory):
     return train_from_sources([SourceConfig(type="stdlib", max_bytes=1_000_000)], 512, out)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the whole session. 4 logical CPUs on 2 cores, so a 2-worker TorchTrainer
-    and the data pipeline's actors fit at once."""
+def start_local_ray() -> None:
+    """A local Ray instance with 4 logical CPUs on 2 cores, so a 2-worker TorchTrainer and the data pipeline's
+    actors fit at once."""
     import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     import ray.data
 
+    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def restart_local_ray() -> None:
+    """A fresh instance for a long module. In two full-suite runs the first Ray Data job of the training module
+    waited forever for its packer actor in an instance that had served the whole session (cause not found yet);
+    a fresh instance costs seconds."""
+    import ray
+
+    ray.shutdown()
+    start_local_ray()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (restarted by the training module, see restart_local_ray)."""
+    import ray
+
+    start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -17,7 +17,15 @@ import torch
 
 from phi1_ray.config import ConfigError, OptimConfig, TrainJobConfig, load_config
 from phi1_ray.train.schedule import lr_at
-from tests.conftest import ROOT, assert_user_error, loss_steps, metrics, registered_checkpoints, run_job
+from tests.conftest import (
+    ROOT,
+    assert_user_error,
+    loss_steps,
+    metrics,
+    registered_checkpoints,
+    restart_local_ray,
+    run_job,
+)
 
 BASE = [
     "model.name=tiny",
@@ -52,6 +60,8 @@ def job_config(tmp: Path, tokenizer_dir: str, *overrides: str) -> TrainJobConfig
 def pretrained(ray_local, tokenizer, tmp_path_factory):
     """80 steps on 2 workers; from outside, one worker process is killed after step 30 (max_failures=1)."""
     import threading
+
+    restart_local_ray()
 
     run_dir = tmp_path_factory.mktemp("pretrain")
     lines: list[str] = []
