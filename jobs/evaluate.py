@@ -12,9 +12,23 @@ import json
 import time
 
 from phi1_ray.cli import run_main
+from phi1_ray.errors import ConfigError
 from phi1_ray.evals.generation import DEFAULT_STOP, EvalSampling
 from phi1_ray.evals.run import evaluate
 from phi1_ray.evals.sandbox import Limits
+
+
+def _settings(args: argparse.Namespace) -> tuple[EvalSampling, Limits]:
+    sampling = EvalSampling(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(s.encode().decode("unicode_escape") for s in args.stop),
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    return sampling, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
 
 
 def main() -> None:
@@ -43,15 +57,10 @@ def main() -> None:
     parser.add_argument("--mlflow-run-id", help="log pass@k and the result files to this MLflow run")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     args = parser.parse_args()
-    sampling = EvalSampling(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        stop=tuple(s.encode().decode("unicode_escape") for s in args.stop),
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    try:
+        sampling, limits = _settings(args)
+    except ValueError as exc:  # a bound on --n, --temperature, --timeout, ...: one line, no traceback
+        raise ConfigError(str(exc)) from None
     out = args.out or f"runs/eval-{args.benchmark.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.actors:
         from phi1_ray.config import RayConfig
@@ -66,7 +75,7 @@ def main() -> None:
         endpoint=args.endpoint,
         endpoint_model=args.model,
         sampling=sampling,
-        limits=Limits(timeout_s=args.timeout, memory_mb=args.memory_mb),
+        limits=limits,
         benchmark_file=args.benchmark_file,
         limit=args.limit,
         workers=args.workers,

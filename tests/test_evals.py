@@ -141,6 +141,8 @@ def test_bad_benchmark_and_sample_files_name_the_line(tmp_path):
     assert_user_error(result, "unknown.jsonl:1", "HumanEval/999")
     result = run_job("jobs/evaluate.py", "--benchmark", "nosuch", "--samples", str(unknown))
     assert_user_error(result, "nosuch", "humaneval, mbpp")
+    result = run_job("jobs/evaluate.py", "--samples", str(unknown), "--timeout", "0")
+    assert_user_error(result, "timeout_s must be > 0")
 
 
 def test_postprocess_cuts_at_the_first_stop_sequence():
