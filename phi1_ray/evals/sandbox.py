@@ -9,11 +9,12 @@ Layout::
 The fork server ("zygote") is started with a scrubbed environment and imports the common standard-library modules
 once, so a sample starts in a few milliseconds without sharing a process with any other sample. Where the kernel
 allows user namespaces (``isolation="namespaces"``, the default when available) the server moves once into fresh
-user, mount and PID namespaces with the whole filesystem read-only, and each sample then gets namespaces of its own:
+user, mount, PID and network namespaces with the whole filesystem read-only, and each sample gets more of its own:
 
 - a fresh PID namespace whose PID 1 is the sample: it sees no other process, ``getppid()`` is 0, and when it exits
   or is killed every process it started dies with it;
-- a fresh network namespace: only a loopback device, and it is down;
+- a network namespace with only a loopback device, and it down (made once per fork server, which runs one sample
+  at a time: no two samples are ever in it together, and none can configure it);
 - a fresh mount namespace whose working directory is an empty ``tmpfs`` capped at ``fsize_mb``;
 - an unprivileged user with no capabilities (``RLIMIT_NPROC`` then holds fork bombs).
 
@@ -351,6 +352,10 @@ def _install_audit_hook(work: str) -> None:
     sys.addaudithook(hook)
 
 
+_SNAPSHOT: dict[str, dict[str, Any]] = {}  # the guarded modules as the fork server holds them
+_UNPRIVILEGED_MAPPED = False  # whether the namespaces map an unprivileged user (root harness) for the samples
+
+
 def _snapshot() -> dict[str, dict[str, Any]]:
     return {name: dict(vars(sys.modules[name])) for name in GUARDED if name in sys.modules}
 
@@ -391,7 +396,7 @@ def _run_sample(request: dict[str, Any], result_fd: int) -> None:
     def report(status: str, message: str = "") -> None:
         os.write(report_fd, json.dumps({"status": status, "message": message, "nonce": nonce}).encode() + b"\n")
 
-    snapshot = _snapshot()
+    snapshot = _SNAPSHOT
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": sys.modules["builtins"]}
     stage = "completion"
     try:
@@ -461,8 +466,8 @@ def _enter_zygote_namespaces(scratch: str, nproc: int) -> str:
         os._exit(0)
     os.close(sync_r)
     os.close(done_w)
-    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID) != 0:
-        reason = f"unshare(user, mount, pid) is refused here: {os.strerror(ctypes.get_errno())}"
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET) != 0:
+        reason = f"unshare(user, mount, pid, net) is refused here: {os.strerror(ctypes.get_errno())}"
         os.close(sync_w)
         os.waitpid(helper, 0)
         return reason
@@ -498,9 +503,7 @@ def _enter_zygote_namespaces(scratch: str, nproc: int) -> str:
 
 def _drop_privileges(libc: Any) -> None:
     """Become the namespace's unprivileged user (root harness) or give up every capability (other harnesses)."""
-    with open("/proc/self/uid_map") as f:
-        unprivileged_user_mapped = any(line.split()[0] == str(_INSIDE_UID) for line in f if line.strip())
-    if unprivileged_user_mapped:
+    if _UNPRIVILEGED_MAPPED:
         os.setgid(_INSIDE_UID)
         os.setuid(_INSIDE_UID)  # clears every capability
         return
@@ -523,8 +526,8 @@ def _sample_process(request: dict[str, Any], work: str, out_fd: int, result_fd: 
         os.setsid()
         limits = request["limits"]
         libc = _libc()
-        if namespaces:  # PID 1 of a fresh PID namespace; now fresh network and mount namespaces too
-            _check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS), "unshare(net, mount)")
+        if namespaces:  # PID 1 of a fresh PID namespace; now a fresh mount namespace too
+            _check(libc.unshare(_CLONE_NEWNS), "unshare(mount)")
             opts = f"size={limits['fsize_mb']}m,mode=0777".encode()
             _mount(libc, b"tmpfs", work, b"tmpfs", _MS_NOSUID | _MS_NODEV, opts)
             _mount(libc, b"proc", "/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
@@ -620,6 +623,9 @@ def _serve() -> None:
             __import__(name)
         except ImportError:
             pass
+    import gc
+
+    gc.freeze()  # the pre-loaded heap joins a permanent generation: no sample's collection touches (copies) it
     reason = "basic isolation was asked for"
     if requested != "basic":
         reason = _enter_zygote_namespaces(scratch, nproc)
@@ -628,6 +634,11 @@ def _serve() -> None:
         sys.stdout.flush()
         return
     namespaces = not reason
+    _SNAPSHOT.update(_snapshot())  # once: every sample forks from this state
+    if namespaces:
+        global _UNPRIVILEGED_MAPPED
+        with open("/proc/self/uid_map") as f:
+            _UNPRIVILEGED_MAPPED = any(line.split()[0] == str(_INSIDE_UID) for line in f if line.strip())
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if namespaces else -1
     out = sys.stdout.buffer
     out.write(json.dumps({"isolation": "namespaces" if namespaces else "basic", "reason": reason}).encode() + b"\n")
