@@ -440,6 +440,24 @@ class EvalStageConfig(Section):
         return self
 
 
+class ServeStageConfig(Section):
+    """The pipeline's last stage: the exported checkpoint behind the Serve app, one request through HTTP, shut down."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prompt: str = "def is_even(n):\n"
+    max_tokens: int = 24
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeStageConfig:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        return self
+
+
 class PipelineConfig(Section):
     """The end-to-end job (``jobs/pipeline.py``); stages grow with the project."""
 
@@ -455,6 +473,7 @@ class PipelineConfig(Section):
     pretrain: StageJobConfig = StageJobConfig(config="configs/pretrain/tiny.yaml")
     finetune: StageJobConfig = StageJobConfig(config="configs/finetune/tiny.yaml")
     evaluation: EvalStageConfig = EvalStageConfig()
+    serving: ServeStageConfig = ServeStageConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -309,13 +309,16 @@ def _document_bias(input_ids: torch.Tensor, doc_ids: torch.Tensor, backend: str)
 def padding_bias(key_valid: torch.Tensor, q_len: int) -> AttentionBias:
     """Mask for left-padded rows: key_valid (B, S) marks real tokens; queries are the last ``q_len`` positions.
 
-    A padding query attends to itself only, so no row of the softmax is empty (which would give NaN).
+    A query with no valid key (a padding position) attends to itself only, so no row of the softmax is empty
+    (which would give NaN). Rows of a serving batch that end before ``S`` mark their own tail invalid.
     """
     S = key_valid.size(1)
     q_pos = torch.arange(S - q_len, S, device=key_valid.device)[:, None]
     k_pos = torch.arange(S, device=key_valid.device)[None, :]
     causal = k_pos <= q_pos  # (T, S)
-    allowed = causal[None] & (key_valid[:, None, :] | (k_pos == q_pos)[None])  # (B, T, S)
+    allowed = causal[None] & key_valid[:, None, :]  # (B, T, S)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed | (empty & (k_pos == q_pos)[None])
     return AttentionBias(causal=True, mask=allowed[:, None])
 
 

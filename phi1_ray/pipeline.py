@@ -1,5 +1,5 @@
 """The end-to-end job behind ``make demo``. Stages so far: tokenizer, data preparation, pretraining, finetuning,
-export, generation.
+export, generation, HumanEval, and serving (the export behind the Serve app, one request, shut down).
 
 Each stage writes its outputs under ``run_dir`` and is skipped, with a line saying so, when they already exist.
 """
@@ -106,6 +106,38 @@ def stage_evaluate(cfg: PipelineConfig, run_dir: Path, mlflow_run_id: str) -> di
     return summary
 
 
+def stage_serve(cfg: PipelineConfig, checkpoint: Path) -> dict[str, Any]:
+    """Deploy the Serve app on the pipeline's Ray instance, send one completion request over HTTP, shut down."""
+    import urllib.request
+
+    from ray import serve
+
+    from phi1_ray.serving.app import app_builder
+
+    sv = cfg.serving
+    started = time.perf_counter()
+    serve.start(http_options={"host": sv.host, "port": sv.port})
+    try:
+        serve.run(app_builder({"checkpoint": str(checkpoint), "num_replicas": 1}), name="phi1", route_prefix="/")
+        ready = time.perf_counter() - started
+        url = f"http://{sv.host}:{sv.port}/v1/completions"
+        body = json.dumps({"prompt": sv.prompt, "max_tokens": sv.max_tokens, "temperature": 0}).encode()
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        latency = time.perf_counter() - start
+    finally:
+        serve.shutdown()
+    choice = answer["choices"][0]
+    log(
+        f"serve: {url} answered in {latency * 1000:.0f} ms (app ready in {ready:.1f} s; "
+        f"{answer['usage']['completion_tokens']} tokens, {choice['finish_reason']}), then shut down:\n"
+        f"{sv.prompt}{choice['text']}"
+    )
+    return {"url": url, "latency_s": round(latency, 3), "text": choice["text"], "usage": answer["usage"]}
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,9 +204,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             mlflow_uri=tracking_uri(cfg.mlflow, run_dir),
             mlflow_run_id=run.info.run_id,
         )
-        if scores is not None:
-            summary[f"{scores['benchmark']}_pass@1"] = scores["pass@1"]
+        if cfg.serving.enabled:
+            summary["serving"] = stage_serve(cfg, hf_dir)
+        if scores is not None:  # last: the summary ends with the score
             summary["evaluation"] = {k: scores[k] for k in ("problems", "samples", "passed", "failed", "timed_out")}
+            summary[f"{scores['benchmark']}_pass@1"] = scores["pass@1"]
     log("summary:\n" + json.dumps(summary, indent=2))
     log(f"generate again with: python jobs/generate.py --checkpoint {run_dir / 'finetune'} --prompt 'def add(a, b):'")
     return summary

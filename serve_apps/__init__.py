@@ -1,1 +1,1 @@
-"""Ray Serve applications (``serve run serve_apps.phi1:app``)."""
+"""Ray Serve applications of phi1_ray (``serve run serve_apps.phi1:app``)."""

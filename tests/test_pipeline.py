@@ -1,8 +1,10 @@
 """The demo job end to end, as `make demo` runs it, with a smaller tokenizer corpus."""
 
 import json
+import socket
 
 import mlflow
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -13,6 +15,9 @@ from tests.conftest import run_job
 
 
 def test_demo_pipeline_runs_and_resumes(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     args = [
         "jobs/pipeline.py",
         "--config",
@@ -24,6 +29,7 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
         "sampling.max_new_tokens=8",
         "evaluation.limit=6",
         "evaluation.max_new_tokens=24",
+        f"serving.port={port}",
         "pretrain.overrides={optim: {max_steps: 20, warmup_steps: 2}, train: {checkpoint_every: 10, eval_every: 10}}",
         "finetune.overrides={optim: {max_steps: 10, warmup_steps: 2}, train: {checkpoint_every: 5, eval_every: 5},"
         " data: {sources: [{type: stdlib, exercises: true, max_bytes: 600000}]}}",
@@ -70,7 +76,14 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     assert run.data.metrics["parameters"] == summary["parameters"]
     assert run.data.metrics["eval/humaneval/pass_at_1"] == scores["pass@1"]
 
-    second = run_job(*args)
+    # The serving stage: the export behind the Serve app answered one request over HTTP, then was shut down.
+    served = summary["serving"]
+    assert served["url"] == f"http://127.0.0.1:{port}/v1/completions" and served["usage"]["completion_tokens"] >= 1
+    assert "then shut down" in first.stdout and list(summary)[-1] == "humaneval_pass@1"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    second = run_job(*args, "serving.enabled=false")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "tokenizer: " in second.stdout and "exists, skipped" in second.stdout
     assert second.stdout.count("exists, skipped") == 5  # tokenizer, data, pretrain, finetune, evaluation
