@@ -1,7 +1,8 @@
 """What Ray Serve adds to generation, and what batching buys, in one run.
 
 1. Latency of a short request (8 new tokens, greedy) in process (the engine called directly) and through the Serve
-   app over HTTP (a keep-alive client on 127.0.0.1): p50/p99 of each and the added p50.
+   app over HTTP (a keep-alive client on 127.0.0.1): p50/p99 of each and the added p50; the same for 1 token
+   (prefill only: what is left is transport).
 2. Tokens/s of one long request (128 new tokens), in process and through Serve.
 3. Throughput through Serve: 16 requests one after the other, then the same 16 from 16 concurrent clients.
 
@@ -85,11 +86,14 @@ def main() -> None:
         short = SamplingConfig(max_new_tokens=8, temperature=0.0)
         for _ in range(5):
             engine.generate(PROMPT, short)
-        local_ms = []
+        local_ms, local_one_ms = [], []
         for _ in range(short_n):
             start = time.perf_counter()
             engine.generate(PROMPT, short)
             local_ms.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            engine.generate(PROMPT, SamplingConfig(max_new_tokens=1))
+            local_one_ms.append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
         produced = len(engine.generate(PROMPT, SamplingConfig(max_new_tokens=long_tokens))[0].token_ids)
         local_tps = produced / (time.perf_counter() - start)
@@ -114,11 +118,14 @@ def main() -> None:
                 client.conn.request("GET", "/health")
                 client.conn.getresponse().read()
                 health_ms.append((time.perf_counter() - start) * 1000)
-            served_ms = []
+            served_ms, served_one_ms = [], []
             for _ in range(short_n):
                 start = time.perf_counter()
                 client.complete(8)
                 served_ms.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                client.complete(1)
+                served_one_ms.append((time.perf_counter() - start) * 1000)
             start = time.perf_counter()
             answer = client.complete(long_tokens)
             served_tps = answer["usage"]["completion_tokens"] / (time.perf_counter() - start)
@@ -142,6 +149,7 @@ def main() -> None:
         "benchmark": "serve_overhead",
         "ratio": round(concurrent_tps / sequential_tps, 2),
         "added_p50_ms": round(added_p50, 2),
+        "added_p50_ms_1_token": round(statistics.median(served_one_ms) - statistics.median(local_one_ms), 2),
         "in_process_p50_ms": round(statistics.median(local_ms), 2),
         "in_process_p99_ms": round(percentile(local_ms, 0.99), 2),
         "serve_p50_ms": round(statistics.median(served_ms), 2),

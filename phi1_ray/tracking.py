@@ -28,6 +28,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def experiment_id(client: Any, name: str, run_dir: str | Path, uri: str) -> str:
+    """The id of MLflow experiment ``name``, created (artifacts under ``run_dir/mlartifacts`` for a local store)
+    when it does not exist yet."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (Path(run_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
 @contextmanager
 def mlflow_run(cfg: MlflowConfig, run_dir: str | Path, run_name: str, config: BaseModel | None = None) -> Iterator[Any]:
     """An active MLflow run with the resolved config logged as params (and as ``config.yaml``)."""

@@ -49,19 +49,15 @@ def start_local_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def restart_local_ray() -> None:
-    """A fresh instance for a long module. In two full-suite runs the first Ray Data job of the training module
-    waited forever for its packer actor in an instance that had served the whole session (cause not found yet);
-    a fresh instance costs seconds."""
-    import ray
-
-    ray.shutdown()
-    start_local_ray()
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the session (restarted by the training module, see restart_local_ray)."""
+    """A local Ray instance per test module, shut down at the module's end.
+
+    Not one per session: in full-suite runs an instance that had lived through the long subprocess tests
+    (`ray job submit` to a `ray start` cluster, the pipeline job's own instance) stopped hearing about new actors:
+    the driver saw the training module's data-packing actor, and later the Serve controller, stay in
+    PENDING_CREATION although their processes had started and were serving (the driver's core-worker log holds
+    no ALIVE notification). A fresh instance per module costs a few seconds."""
     import ray
 
     start_local_ray()

@@ -262,7 +262,7 @@ def test_api_key_and_overload_answer_401_and_quick_503(ray_local, checkpoint, mo
             assert response.status == 200
 
         # one request running, one queued: the rest are turned away at once
-        slow = {"prompt": "def f():", "max_tokens": 600, "temperature": 0}
+        slow = {"prompt": "def f():", "max_tokens": 300, "temperature": 0}
 
         def timed(_: int) -> tuple[int, float]:
             start = time.perf_counter()

@@ -23,7 +23,6 @@ from tests.conftest import (
     loss_steps,
     metrics,
     registered_checkpoints,
-    restart_local_ray,
     run_job,
 )
 
@@ -60,8 +59,6 @@ def job_config(tmp: Path, tokenizer_dir: str, *overrides: str) -> TrainJobConfig
 def pretrained(ray_local, tokenizer, tmp_path_factory):
     """80 steps on 2 workers; from outside, one worker process is killed after step 30 (max_failures=1)."""
     import threading
-
-    restart_local_ray()
 
     run_dir = tmp_path_factory.mktemp("pretrain")
     lines: list[str] = []

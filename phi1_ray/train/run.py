@@ -134,7 +134,9 @@ def _init_tokenizer(source: str) -> str:
     raise ConfigError(f"init_from={source} has no tokenizer: set data.tokenizer")
 
 
-def _mlflow_start(job: TrainJobConfig, run_dir: Path, run_name: str, log: Any) -> tuple[str | None, str | None]:
+def _mlflow_start(
+    job: TrainJobConfig, run_dir: Path, run_name: str, log: Any, tags: dict[str, str] | None = None
+) -> tuple[str | None, str | None]:
     """(tracking URI, run id) of the run's MLflow run, resumed if this run directory had one; (None, None) with
     a warning when the tracking server cannot be reached."""
     import os
@@ -142,7 +144,7 @@ def _mlflow_start(job: TrainJobConfig, run_dir: Path, run_name: str, log: Any) -
     import mlflow
 
     from phi1_ray.config import to_yaml
-    from phi1_ray.tracking import flatten, tracking_uri
+    from phi1_ray.tracking import experiment_id, flatten, tracking_uri
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(job.mlflow, run_dir)
     state_file = run_dir / "mlflow_run.json"
@@ -156,13 +158,8 @@ def _mlflow_start(job: TrainJobConfig, run_dir: Path, run_name: str, log: Any) -
             client.get_run(run_id)
             log(f"mlflow: continuing run {run_id} at {uri}")
             return uri, run_id
-        experiment = client.get_experiment_by_name(job.mlflow.experiment)
-        if experiment is None:
-            artifacts = (run_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-            experiment_id = client.create_experiment(job.mlflow.experiment, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name, tags={"phi1_ray.job": job.job})
+        experiment = experiment_id(client, job.mlflow.experiment, run_dir, uri)
+        run = client.create_run(experiment, run_name=run_name, tags={"phi1_ray.job": job.job, **(tags or {})})
         params = flatten(job.model_dump(mode="json"))
         for key, value in params.items():
             client.log_param(run.info.run_id, key, str(value)[:500])
@@ -179,8 +176,13 @@ def _mlflow_start(job: TrainJobConfig, run_dir: Path, run_name: str, log: Any) -
     return uri, run.info.run_id
 
 
-def run_training(job: TrainJobConfig, log: Any = print) -> dict[str, Any]:
-    """Train as ``job`` says; returns a summary (steps, losses, checkpoint and export paths)."""
+def run_training(
+    job: TrainJobConfig, log: Any = print, callbacks: list[Any] | None = None, mlflow_tags: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train as ``job`` says; returns a summary (steps, losses, checkpoint and export paths).
+
+    ``callbacks``: Ray Train callbacks (a Tune sweep passes ``TuneReportCallback``); ``mlflow_tags``: tags of the
+    run's MLflow run (a sweep's trials name their parent run)."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -245,7 +247,7 @@ def run_training(job: TrainJobConfig, log: Any = print) -> dict[str, Any]:
         init_state = ray.put({k: v.contiguous() for k, v in model.state_dict().items()})
         log(f"init: {model.num_parameters():,} parameters from {job.init_from}")
 
-    uri, run_id = _mlflow_start(job, run_dir, name, log)
+    uri, run_id = _mlflow_start(job, run_dir, name, log, mlflow_tags)
     datasets = {"train": prepared_dataset(data_dir, "train")}
     if has_val:
         datasets["val"] = prepared_dataset(data_dir, "val")
@@ -272,6 +274,7 @@ def run_training(job: TrainJobConfig, log: Any = print) -> dict[str, Any]:
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.num_to_keep, **score),
             failure_config=FailureConfig(max_failures=job.train.max_failures),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         dataset_config=ingest_config(equal=True),
