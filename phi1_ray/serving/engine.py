@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,17 +150,9 @@ class EngineStats:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "finished": self.finished,
-            "cancelled": self.cancelled,
-            "failed": self.failed,
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-            "decode_steps": self.decode_steps,
-            "max_batch": self.max_batch,
-            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-        }
+        out = asdict(self)
+        out["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+        return out
 
 
 class InferenceEngine:

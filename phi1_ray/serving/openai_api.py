@@ -200,18 +200,14 @@ class CompletionsAPI:
             body = await self._json_body(request)
             engine = self.engine
             parsed = parse_completion_request(body, engine.model_name, engine.context, engine.max_batch_size)
-            prompts = [engine.encode(p) for p in parsed.prompts]
-            try:
-                engine.check(prompts, parsed.params.max_new_tokens)
+            try:  # submit tokenizes once and checks the prompts against the context
+                job = engine.submit(
+                    parsed.prompts, parsed.params, parsed.n, loop=asyncio.get_running_loop(), stream=parsed.stream
+                )
             except GenerationError as exc:
                 raise APIError(400, str(exc), "max_tokens" if "max_tokens" in str(exc) else "prompt") from None
-            job = engine.submit(
-                parsed.prompts, parsed.params, parsed.n, loop=asyncio.get_running_loop(), stream=parsed.stream
-            )
         except APIError as exc:
             return self.error_response(exc)
-        except GenerationError as exc:
-            return self.error_response(APIError(400, str(exc)))
         ident = f"cmpl-{secrets.token_hex(12)}"
         created = int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": self.engine.model_name}
