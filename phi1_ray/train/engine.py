@@ -48,6 +48,7 @@ def init_single_process(backend: str = "gloo") -> None:
         ("MASTER_PORT", str(_free_port())),
     ):
         os.environ.setdefault(key, value)
+    skip_cpu_shm_op()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
 
@@ -64,9 +65,23 @@ def environment_tools_first() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in parts if p != bin_dir)])
 
 
+def skip_cpu_shm_op() -> None:
+    """Without a GPU, leave out DeepSpeed's shared-memory all-reduce op: gloo's all-reduce does the job.
+
+    DeepSpeed compiles that op with the machine's C++ compiler the first time a CPU engine starts (80-110 s on a
+    2-core machine, again for every new environment path), which would be most of a CPU demo's training time.
+    GPU runs use NCCL and never build it.
+    """
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(model: Phi1ForCausalLM, train: TrainConfig, optim: OptimConfig, precision: str) -> Any:
     """``deepspeed.initialize`` with AdamW over :func:`param_groups` and the warmup/decay schedule."""
     environment_tools_first()
+    skip_cpu_shm_op()
     import deepspeed
 
     config = deepspeed_config(train, optim, precision)
