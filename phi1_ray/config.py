@@ -116,7 +116,7 @@ class ModelConfig(Section):
         return build(cls, {"name": name, **overrides}, where="model")
 
 
-SourceType = Literal["stdlib", "files", "jsonl", "parquet"]
+SourceType = Literal["stdlib", "files", "jsonl", "parquet", "datagen"]
 
 
 class SourceConfig(Section):
@@ -125,7 +125,9 @@ class SourceConfig(Section):
 
     type: SourceType
     """``stdlib``: the running interpreter's standard library (no download); ``files``: trees of source/text
-    files, one document per file; ``jsonl`` / ``parquet``: one document per line / row."""
+    files, one document per file; ``jsonl`` / ``parquet``: one document per line / row; ``datagen``: outputs of the
+    data-generation jobs (directories with a manifest: textbooks, exercises, filtered code), their shards read as
+    Parquet (``text``, or ``prompt`` / ``completion`` for finetuning)."""
     paths: list[str] = []
     """Files or directories, local or any filesystem pyarrow reaches (``s3://``, ``gs://``)."""
     name: str | None = None
@@ -545,6 +547,30 @@ class ServeStageConfig(Section):
         return self
 
 
+class DatagenStageConfig(Section):
+    """The pipeline's data-generation stage, offline: exercises mined from code and decontaminated against the
+    benchmarks, code scored by the learned quality filter, both deduplicated together. The filtered code becomes
+    the pretraining corpus and the exercises the finetuning one (``data.sources`` and the finetuning sources are
+    then set by the pipeline). The serving stage ends with a short generation against the served checkpoint."""
+
+    enabled: bool = False
+    exercises: list[SourceConfig] = [SourceConfig(type="stdlib", max_bytes=4_000_000)]
+    """Code whose functions with docstrings become exercises (no teacher)."""
+    code: list[SourceConfig] = [SourceConfig(type="stdlib", max_bytes=3_000_000)]
+    """The code corpus the quality filter scores."""
+    labels: str = "heuristic"
+    """Labels of the filter's sample: ``heuristic`` (offline) or a JSONL file (``text``, ``label``)."""
+    annotate: int = 400
+    threshold: float = 0.5
+    encoder: str | None = None
+    """Embeddings for the filter and decontamination: a checkpoint directory; None: a randomly initialized
+    ``tiny`` model with the pipeline's tokenizer (random features; nothing is pretrained yet)."""
+    benchmarks: list[str] = ["humaneval"]
+    dedup_threshold: float = 0.8
+    served_items: int = 8
+    """Exercises generated against the served export at the end of the serving stage (0: none)."""
+
+
 class PipelineConfig(Section):
     """The end-to-end job (``jobs/pipeline.py``); stages grow with the project."""
 
@@ -559,6 +585,7 @@ class PipelineConfig(Section):
     mlflow: MlflowConfig = MlflowConfig()
     pretrain: StageJobConfig = StageJobConfig(config="configs/pretrain/tiny.yaml")
     finetune: StageJobConfig = StageJobConfig(config="configs/finetune/tiny.yaml")
+    datagen: DatagenStageConfig = DatagenStageConfig()
     evaluation: EvalStageConfig = EvalStageConfig()
     serving: ServeStageConfig = ServeStageConfig()
 

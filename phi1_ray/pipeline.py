@@ -1,5 +1,7 @@
-"""The end-to-end job behind ``make demo``. Stages so far: tokenizer, data preparation, pretraining, finetuning,
-export, generation, HumanEval, and serving (the export behind the Serve app, one request, shut down).
+"""The end-to-end job behind ``make demo``. Stages so far: tokenizer, data generation (mined exercises,
+decontamination, the learned quality filter, dedup), data preparation, pretraining, finetuning, export, generation,
+HumanEval, and serving (the export behind the Serve app, one request and a short generation with it as the
+teacher, shut down).
 
 Each stage writes its outputs under ``run_dir`` and is skipped, with a line saying so, when they already exist.
 """
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from phi1_ray.checkpoint import load_model
-from phi1_ray.config import PipelineConfig, StageJobConfig, TrainJobConfig, build, read_yaml
+from phi1_ray.config import PipelineConfig, SourceConfig, StageJobConfig, TrainJobConfig, build, read_yaml
 from phi1_ray.generate import generate
 from phi1_ray.tokenizer import check_vocab, load_tokenizer, train_from_sources
 from phi1_ray.tracking import mlflow_run, tracking_uri
@@ -36,6 +38,51 @@ def stage_tokenizer(cfg: PipelineConfig, run_dir: Path) -> Any:
     names = ", ".join(s.label for s in cfg.tokenizer.sources)
     log(f"tokenizer: training a {cfg.tokenizer.vocab_size}-entry byte-level BPE on {names}")
     return train_from_sources(cfg.tokenizer.sources, cfg.tokenizer.vocab_size, out)
+
+
+def stage_datagen(cfg: PipelineConfig, run_dir: Path, tokenizer_path: str, min_cpus: int) -> dict[str, Any]:
+    """Mined exercises -> decontamination; code -> quality filter; both -> dedup. Returns the two corpora."""
+    from phi1_ray.data.ray_pipeline import init_ray
+    from phi1_ray.datagen.config import DecontamConfig, DedupConfig, FilterConfig, GenerateConfig
+    from phi1_ray.datagen.decontam import run_decontamination
+    from phi1_ray.datagen.dedup import run_dedup
+    from phi1_ray.datagen.generate import run_generation
+    from phi1_ray.datagen.quality import run_filter
+
+    dg = cfg.datagen
+    out = run_dir / "datagen"
+    init_ray(cfg.ray, min_cpus=min_cpus)
+
+    def say(msg: str) -> None:
+        log(f"datagen: {msg}")
+
+    encoder = {"path": dg.encoder} if dg.encoder else {"random_init": "tiny", "tokenizer": tokenizer_path}
+    mined = run_generation(
+        GenerateConfig(kind="exercises", out=str(out / "mined_exercises"), seed=cfg.seed,
+                       exercises={"num_items": 0, "mine": [s.model_dump() for s in dg.exercises]}),
+        log=say,
+    )  # fmt: skip
+    benchmarks = [(b, None) if b in ("humaneval", "mbpp") else ("humaneval", b) for b in dg.benchmarks]
+    clean = run_decontamination(str(out / "mined_exercises"), str(out / "exercises"), benchmarks, DecontamConfig(),
+                                log=say)  # fmt: skip
+    filtered = run_filter(
+        FilterConfig(sources=[s.model_dump() for s in dg.code], out=str(out / "filtered_code"), seed=cfg.seed,
+                     labels=dg.labels, annotate=dg.annotate, threshold=dg.threshold, encoder=encoder,
+                     mlflow={"tracking_uri": tracking_uri(cfg.mlflow, run_dir), "experiment": cfg.mlflow.experiment}),
+        log=say,
+    )  # fmt: skip
+    deduped = run_dedup([str(out / "filtered_code"), str(out / "exercises")], str(out / "dedup"),
+                        DedupConfig(threshold=dg.dedup_threshold), log=say)  # fmt: skip
+    return {
+        "mined_exercises": mined["rows"],
+        "decontaminated_removed": clean["stages"][-1].get("removed_by_test", {}),
+        "filter": filtered.get("classifier"),
+        "filtered_code": filtered["rows"],
+        "code_documents": filtered["stages"][-1].get("documents"),
+        "after_dedup": {name: m["rows"] for name, m in deduped.items()},
+        "pretrain_source": str(out / "dedup" / "filtered_code"),
+        "finetune_source": str(out / "dedup" / "exercises"),
+    }
 
 
 def stage_data(cfg: PipelineConfig, run_dir: Path, tokenizer_path: str, min_cpus: int) -> dict[str, Any]:
@@ -127,6 +174,7 @@ def stage_serve(cfg: PipelineConfig, checkpoint: Path) -> dict[str, Any]:
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
         latency = time.perf_counter() - start
+        generated = served_generation(cfg, checkpoint.name, f"http://{sv.host}:{sv.port}/v1")
     finally:
         serve.shutdown()
     choice = answer["choices"][0]
@@ -135,7 +183,29 @@ def stage_serve(cfg: PipelineConfig, checkpoint: Path) -> dict[str, Any]:
         f"{answer['usage']['completion_tokens']} tokens, {choice['finish_reason']}), then shut down:\n"
         f"{sv.prompt}{choice['text']}"
     )
-    return {"url": url, "latency_s": round(latency, 3), "text": choice["text"], "usage": answer["usage"]}
+    out = {"url": url, "latency_s": round(latency, 3), "text": choice["text"], "usage": answer["usage"]}
+    return {**out, "generated_exercises": generated} if generated is not None else out
+
+
+def served_generation(cfg: PipelineConfig, model_name: str, base_url: str) -> dict[str, Any] | None:
+    """A short CodeExercises generation with the served checkpoint as the teacher (the path a real teacher
+    takes); whatever the small model writes is validated, kept or rejected with a reason."""
+    if not (cfg.datagen.enabled and cfg.datagen.served_items):
+        return None
+    from phi1_ray.datagen.config import GenerateConfig
+    from phi1_ray.datagen.generate import run_generation
+
+    teacher = {"base_url": base_url, "model": model_name, "api": "completions", "api_key_env": None,
+               "max_tokens": 96, "temperature": 0.8, "concurrency": 4}  # fmt: skip
+    out = Path(cfg.run_dir) / "datagen" / "served_exercises"
+    manifest = run_generation(
+        GenerateConfig(kind="exercises", out=str(out), seed=cfg.seed, teacher=teacher,
+                       exercises={"num_items": cfg.datagen.served_items}),
+        log=lambda msg: log(f"serve: {msg}"),
+    )  # fmt: skip
+    usage = manifest.get("usage", {})
+    return {"out": str(out), "kept": manifest["rows"], "rejected": manifest["rejected"],
+            "requests": usage.get("requests"), "completion_tokens": usage.get("completion_tokens")}  # fmt: skip
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
@@ -148,9 +218,15 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "mlflow": {"tracking_uri": tracking_uri(cfg.mlflow, run_dir), "experiment": cfg.mlflow.experiment},
         "seed": cfg.seed,
     }
+    finetune_data: dict[str, Any] = {}
+    if cfg.datagen.enabled:  # the corpora come from the datagen stage
+        generated = run_dir / "datagen" / "dedup"
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.sources = [SourceConfig(type="datagen", paths=[str(generated / "filtered_code")])]
+        finetune_data = {"sources": [{"type": "datagen", "paths": [str(generated / "exercises")]}]}
     stages = {
         "pretrain": (cfg.pretrain, {"prepared": str(run_dir / "data"), "data": {"seq_len": cfg.data.seq_len}}),
-        "finetune": (cfg.finetune, {"init_from": str(run_dir / "pretrain"), "data": {}}),
+        "finetune": (cfg.finetune, {"init_from": str(run_dir / "pretrain"), "data": finetune_data}),
     }
     jobs = {}
     for name, (stage, forced) in stages.items():
@@ -162,6 +238,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         tokenizer = stage_tokenizer(cfg, run_dir)
         check_vocab(tokenizer, cfg.model.vocab_size)
         need = max(job.train.num_workers for job in jobs.values()) + 2  # trainer workers + data tasks
+        if cfg.datagen.enabled:
+            summary["datagen"] = stage_datagen(cfg, run_dir, tokenizer_path, need)
         manifest = stage_data(cfg, run_dir, tokenizer_path, need)
         mlflow.log_metrics({"data_tokens": manifest["tokens"], "data_blocks": manifest["blocks"]})
         pre = stage_train(jobs["pretrain"], "pretrain")

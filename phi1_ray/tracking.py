@@ -56,7 +56,8 @@ def mlflow_run(cfg: MlflowConfig, run_dir: str | Path, run_name: str, config: Ba
         experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    nested = mlflow.active_run() is not None  # a stage of the pipeline job: a child of its run
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested) as run:
         if config is not None:
             params = flatten(config.model_dump(mode="json"))
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})

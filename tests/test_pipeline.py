@@ -25,14 +25,16 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
         "--run-dir",
         str(tmp_path),
         "tokenizer.sources=[{type: stdlib, max_bytes: 400000}]",
-        "data.sources=[{type: stdlib, max_bytes: 300000}]",
+        "datagen.code=[{type: stdlib, max_bytes: 1200000}]",
+        "datagen.exercises=[{type: stdlib, max_bytes: 2000000}]",
+        "datagen.annotate=120",
+        "datagen.served_items=4",
         "sampling.max_new_tokens=8",
         "evaluation.limit=6",
         "evaluation.max_new_tokens=24",
         f"serving.port={port}",
         "pretrain.overrides={optim: {max_steps: 20, warmup_steps: 2}, train: {checkpoint_every: 10, eval_every: 10}}",
-        "finetune.overrides={optim: {max_steps: 10, warmup_steps: 2}, train: {checkpoint_every: 5, eval_every: 5},"
-        " data: {sources: [{type: stdlib, exercises: true, max_bytes: 600000}]}}",
+        "finetune.overrides={optim: {max_steps: 10, warmup_steps: 2}, train: {checkpoint_every: 5, eval_every: 5}}",
     ]
     first = run_job(*args)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -40,7 +42,18 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     summary = json.loads(first.stdout.split("[pipeline] summary:\n")[1].split("\n[pipeline]")[0])
     assert summary["parameters"] > 1_000_000 and summary["generated_tokens"] > 0
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
-    assert manifest["tokens"] == summary["data_tokens"] > 50_000
+    assert manifest["tokens"] == summary["data_tokens"] > 30_000
+
+    # The data-generation stage made both corpora: filtered code for pretraining, decontaminated exercises for
+    # finetuning, deduplicated together.
+    datagen = summary["datagen"]
+    assert 0 < datagen["filtered_code"] < datagen["code_documents"] and datagen["filter"]["held_out"] > 0
+    assert datagen["mined_exercises"] > 150 and datagen["after_dedup"]["exercises"] > 150
+    assert manifest["documents"] == datagen["after_dedup"]["filtered_code"]
+    fine_sources = json.loads((tmp_path / "finetune" / "data" / "manifest.json").read_text())["sources"]
+    assert fine_sources[0]["type"] == "datagen" and fine_sources[0]["paths"] == [
+        str(tmp_path / "datagen/dedup/exercises")
+    ]
     assert set(manifest["splits"]) == {"train", "val"} and manifest["block_len"] == 129
     pre_loss, fine_val = summary["pretrain_loss"], summary["finetune_val_loss"]
     assert pre_loss[1] < pre_loss[0] and fine_val[1] <= fine_val[0], summary
@@ -80,6 +93,10 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     served = summary["serving"]
     assert served["url"] == f"http://127.0.0.1:{port}/v1/completions" and served["usage"]["completion_tokens"] >= 1
     assert "then shut down" in first.stdout and list(summary)[-1] == "humaneval_pass@1"
+    generated = served["generated_exercises"]  # the served checkpoint as a teacher: every item answered
+    assert (
+        generated["kept"] + sum(generated["rejected"].values()) == 4 and "request_failed" not in generated["rejected"]
+    )
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -87,4 +104,5 @@ def test_demo_pipeline_runs_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "tokenizer: " in second.stdout and "exists, skipped" in second.stdout
     assert second.stdout.count("exists, skipped") == 5  # tokenizer, data, pretrain, finetune, evaluation
+    assert second.stdout.count("already done") == 4  # datagen: mined, decontaminated, filtered code, dedup
     assert (tmp_path / "completions.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)

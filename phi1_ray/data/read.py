@@ -81,6 +81,9 @@ def list_files(sources: list[SourceConfig]) -> list[FileEntry]:
             else ((".jsonl", ".json", ".jsonl.gz", ".json.gz") if source.type == "jsonl" else (".parquet",))
         )
         found: list[FileEntry] = []
+        if source.type == "datagen":
+            found.extend(FileEntry(index, path, 0) for path in _datagen_shards(source))
+            roots = []
         for root in roots:
             filesystem, base = filesystem_of(root)
             info = filesystem.get_file_info(base)
@@ -106,6 +109,20 @@ def list_files(sources: list[SourceConfig]) -> list[FileEntry]:
             found = kept
         entries.extend(found)
     return entries
+
+
+def _datagen_shards(source: SourceConfig) -> list[str]:
+    from phi1_ray.datagen.output import read_datagen_manifest, shard_files
+
+    files = []
+    for root in source.paths:
+        manifest = read_datagen_manifest(root)
+        if manifest is None:
+            raise DataError(
+                f"source {source.label}: {root} has no manifest.json (not a finished data-generation output)"
+            )
+        files.extend(shard_files(root, manifest))
+    return files
 
 
 def _uri(root: str, path: str) -> str:
@@ -168,7 +185,7 @@ def read_file(entry: FileEntry, source: SourceConfig, cfg: DataConfig, report: R
     """The documents of one file, cleaned; bad lines go to ``report`` (or raise in strict mode)."""
     path = entry.path
     try:
-        if source.type == "parquet":
+        if source.type in ("parquet", "datagen"):
             yield from _read_parquet(path, source, cfg, report)
             return
         data = _open_bytes(path)

@@ -1,0 +1,1 @@
+"""Data generation: teacher calls, synthetic textbooks and exercises, quality filter, dedup, decontamination."""
