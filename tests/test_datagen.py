@@ -260,3 +260,57 @@ def test_generation_against_the_projects_serve_app(ray_local, tmp_path, tokenize
     assert "request_failed" not in manifest["rejected"]
     assert manifest["rows"] + sum(manifest["rejected"].values()) == 6
     assert manifest["usage"]["requests"] == 6 and manifest["usage"]["completion_tokens"] > 0
+
+
+def test_generate_job_command_line_resumes_from_its_cache(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from phi1_ray.config import load_config
+    from phi1_ray.datagen.config import FilterConfig as _Filter  # every shipped datagen config loads
+
+    for name, cls in (("textbooks", GenerateConfig), ("exercises", GenerateConfig), ("filter_code", _Filter)):
+        load_config(cls, ROOT / f"configs/datagen/{name}.yaml")
+
+    with ReplayServer(replies=load_replies(REPLIES)) as server:
+        teacher = [f"teacher.base_url={server.base_url}", "teacher.model=replay", "teacher.api_key_env=null",
+                   f"teacher.cache_dir={tmp_path / 'cache'}", "textbooks.num_items=12", "teacher.actors=1",
+                   "teacher.concurrency=4", "teacher.requests_per_s=null", "ray.num_cpus=2"]  # fmt: skip
+        bad = run_job("jobs/generate_textbooks.py", "--config", "configs/datagen/textbooks.yaml", "--out",
+                      str(tmp_path / "bad"), *teacher, "teacher.concurency=8")  # fmt: skip
+        assert_user_error(bad, "teacher.concurency", "concurrency")
+        assert not (tmp_path / "bad").exists()
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        command = [sys.executable, "jobs/generate_textbooks.py", "--config", "configs/datagen/textbooks.yaml"]
+        first = subprocess.run([*command, "--out", str(tmp_path / "a"), *teacher], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert first.returncode == 0, first.stderr[-3000:]
+        summary = json.loads(first.stdout.strip().splitlines()[-1])
+        assert summary["usage"]["requests"] == 12 and server.counts["requests"] == 12
+        # finished: skipped; a new output with the same cache: no request reaches the teacher
+        again = subprocess.run([*command, "--out", str(tmp_path / "a"), *teacher], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert again.returncode == 0 and "already done" in again.stdout
+        other = subprocess.run([*command, "--out", str(tmp_path / "b"), *teacher], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert other.returncode == 0, other.stderr[-3000:]
+        assert json.loads(other.stdout.strip().splitlines()[-1])["usage"]["cached"] == 12
+        assert server.counts["requests"] == 12
+
+
+def test_embedding_similarity_catches_what_ngrams_and_ast_miss(tmp_path, tokenizer):
+    from phi1_ray.datagen.config import DecontamConfig
+    from phi1_ray.datagen.decontam import BenchmarkIndex, load_references
+    from phi1_ray.datagen.embed import Encoder
+
+    encoder_dir = save_checkpoint(random_model(seed=7), tmp_path / "encoder", tokenizer)
+    refs = load_references([("humaneval", None)])[:20]
+    cfg = DecontamConfig(ngram=200, embedding_similarity=0.999, encoder={"path": str(encoder_dir)})
+    index = BenchmarkIndex(refs, cfg, Encoder(cfg.encoder))
+    texts = [refs[4].prompt, "A note on bakeries and harbors, with no code at all."]
+    matches = index.match(texts)
+    assert matches[0] is not None and matches[0][:2] == (refs[4].task_id, "embedding"), matches
+    assert matches[1] is None

@@ -80,7 +80,7 @@ def test_sweep_stops_poor_trials_early_logs_to_mlflow_and_resumes(tmp_path, toke
     # 2. the same command again: restores the sweep; trials that ended are not run again
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
-    assert "resuming the sweep" in second.stdout
+    assert "resuming the sweep" in second.stdout and "rungs restored" in second.stdout
     summary = json.loads([line for line in second.stdout.splitlines() if line.startswith('{"run_dir"')][-1])
     starts = {t.name: (t / "starts.log").read_text().count("start") for t in trials}
     rows = list(csv.DictReader((run_dir / "results.csv").open()))

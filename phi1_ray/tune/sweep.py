@@ -193,6 +193,7 @@ def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
     from phi1_ray.data.ray_pipeline import init_ray
     from phi1_ray.tracking import tracking_uri
     from phi1_ray.train.run import check
+    from phi1_ray.tune.scheduler_state import SchedulerState, restore_scheduler
 
     run_dir = Path(cfg.run_dir).resolve()
     base = base_job(cfg)
@@ -244,11 +245,13 @@ def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
     trainable = tune.with_resources(_trial, {"CPU": 0.05})
     storage = str(run_dir / "tune")
     experiment = Path(storage) / cfg.name
+    scheduler_state = run_dir / "scheduler_state.pkl"
     if tune.Tuner.can_restore(str(experiment)):
         log(f"resuming the sweep in {experiment}: finished trials are kept, the others run")
         tuner = tune.Tuner.restore(
             str(experiment), trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
         )
+        restore_scheduler(tuner, scheduler_state, log)
     else:
         if resume:
             raise ConfigError(f"--resume: no sweep to resume in {experiment}")
@@ -261,7 +264,9 @@ def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
                 num_samples=cfg.num_samples,
                 max_concurrent_trials=cfg.max_concurrent_trials,
             ),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=storage, verbose=1, callbacks=[SchedulerState(scheduler, scheduler_state)]
+            ),
         )
     log(
         f"{cfg.num_samples} trials of {cfg.base} ({len(cfg.space)} keys searched), {cfg.max_concurrent_trials} at "
