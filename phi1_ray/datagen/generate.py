@@ -172,8 +172,13 @@ def run_generation(cfg: GenerateConfig, log: Any = print) -> dict[str, Any]:
     if not parts:
         raise ValueError("nothing to generate")
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    log(f"[{cfg.kind}] {len(items):,} teacher items ({cfg.teacher.model} at {cfg.teacher.base_url}, "
-        f"{cfg.teacher.concurrency} in flight) -> {cfg.out}")  # fmt: skip
+    teacher = f"{cfg.teacher.model} at {cfg.teacher.base_url}, {cfg.teacher.concurrency} in flight" if items else "none"
+    mined = (
+        f", mined from {len(cfg.exercises.mine)} code source(s)"
+        if cfg.kind == "exercises" and cfg.exercises.mine
+        else ""
+    )
+    log(f"[{cfg.kind}] {len(items):,} teacher items (teacher: {teacher}){mined} -> {cfg.out}")
     written = write_dataset(ds, cfg.out, cfg.rows_per_shard)
     filesystem, _ = filesystem_of(cfg.out)
     prices = (cfg.teacher.price_per_1k_prompt, cfg.teacher.price_per_1k_completion)
