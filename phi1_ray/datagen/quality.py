@@ -52,7 +52,9 @@ def corpus_dataset(sources: list[SourceConfig], files_per_task: int = 32) -> Any
     for source in sources:
         entries = list_files([source])
         for start in range(0, len(entries), files_per_task):
-            groups.append({"source": source.model_dump(), "paths": [e.path for e in entries[start : start + 32]]})
+            groups.append(
+                {"source": source.model_dump(), "paths": [e.path for e in entries[start : start + files_per_task]]}
+            )
     if not groups:
         raise DataError("the filter's sources hold no documents")
 
