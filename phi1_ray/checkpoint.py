@@ -6,7 +6,10 @@ names), tokenizer files. :func:`load_model` also takes a Hugging Face ``PhiForCa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,39 @@ from phi1_ray.tokenizer import has_tokenizer, load_tokenizer
 
 MANIFEST = "phi1_ray.json"
 FORMAT_VERSION = 1
+CACHE_ENV = "PHI1_CACHE"
+
+
+def localize(path: str | Path) -> str:
+    """A local directory for ``path``: itself when local; for a URI (``s3://``, ``gs://``, ``file://``) a copy in
+    ``$PHI1_CACHE`` (default ``~/.cache/phi1_ray``), made once per content (names, sizes, times of its files)."""
+    path = str(path)
+    if "://" not in path:
+        return path
+    from pyarrow import fs
+
+    try:
+        filesystem, root = fs.FileSystem.from_uri(path)
+        files = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot list the checkpoint ({exc})") from None
+    files = [f for f in files if f.type == fs.FileType.File]
+    if not files:
+        raise CheckpointError(f"{path}: no files there")
+    listing = sorted((f.path, f.size, str(f.mtime_ns)) for f in files)
+    key = hashlib.sha256(json.dumps([path, listing]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get(CACHE_ENV, "~/.cache/phi1_ray")).expanduser() / "checkpoints"
+    local = cache / f"{Path(root.rstrip('/')).name}-{key}"
+    if (local / ".complete").is_file():
+        return str(local)
+    partial = local.with_name(local.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    fs.copy_files(root, str(partial), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+    (partial / ".complete").touch()
+    shutil.rmtree(local, ignore_errors=True)
+    partial.rename(local)
+    return str(local)
 
 
 def save_checkpoint(model: Phi1ForCausalLM, out_dir: str | Path, tokenizer: Any = None) -> Path:
@@ -44,6 +80,7 @@ def load_model(
     (its best, else latest checkpoint, ZeRO shards consolidated), or a Hugging Face directory / hub id."""
     from phi1_ray.train.checkpoints import RUN_FILE, find_checkpoint, is_train_checkpoint, load_train_checkpoint
 
+    path = localize(path)
     directory = Path(path).expanduser()
     if is_train_checkpoint(directory) or (directory / RUN_FILE).is_file():
         found = find_checkpoint(directory)

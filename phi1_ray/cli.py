@@ -32,7 +32,7 @@ def config_from_argv(cls: type[C], description: str, argv: Sequence[str] | None 
     """Parse ``--config FILE [--run-dir DIR] [key.path=value ...]`` into a validated, printed config.
 
     ``fixed`` overrides apply last (``job=finetune`` for the finetuning job, whatever the file says)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file under configs/")
     parser.add_argument("--run-dir", help="where outputs and the MLflow store go (overrides run_dir)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layer=4")

@@ -516,6 +516,8 @@ class EvalStageConfig(Section):
     timeout_s: float = 3.0
     actors: int = 1
     """Ray Data actors generating completions (one model replica each)"""
+    use_gpu: bool = False
+    """one GPU per actor"""
 
     @model_validator(mode="after")
     def _check(self) -> EvalStageConfig:
@@ -547,6 +549,16 @@ class ServeStageConfig(Section):
         return self
 
 
+class GenerateFiles(Section):
+    """Generation job configs of the pipeline's datagen stage (``jobs/generate_textbooks.py``'s and
+    ``jobs/generate_exercises.py``'s files; their ``out`` is set by the pipeline)."""
+
+    textbooks: list[str] = []
+    """Synthetic textbooks: they join the pretraining corpus."""
+    exercises: list[str] = []
+    """Teacher-written CodeExercises: decontaminated, they join the finetuning corpus."""
+
+
 class DatagenStageConfig(Section):
     """The pipeline's data-generation stage, offline: exercises mined from code and decontaminated against the
     benchmarks, code scored by the learned quality filter, both deduplicated together. The filtered code becomes
@@ -558,24 +570,52 @@ class DatagenStageConfig(Section):
     """Code whose functions with docstrings become exercises (no teacher)."""
     code: list[SourceConfig] = [SourceConfig(type="stdlib", max_bytes=3_000_000)]
     """The code corpus the quality filter scores."""
-    labels: str = "heuristic"
-    """Labels of the filter's sample: ``heuristic`` (offline) or a JSONL file (``text``, ``label``)."""
+    labels: str | None = "heuristic"
+    """Labels of the filter's sample: ``heuristic`` (offline), a JSONL file (``text``, ``label``), or null: the teacher
+    (``teacher``) labels ``annotate`` documents."""
     annotate: int = 400
     threshold: float = 0.5
     encoder: str | None = None
     """Embeddings for the filter and decontamination: a checkpoint directory; None: a randomly initialized
     ``tiny`` model with the pipeline's tokenizer (random features; nothing is pretrained yet)."""
+    generate: GenerateFiles = GenerateFiles()
+    """Teacher generation configs run as part of the stage, each into ``datagen/generated/<file name>``."""
+    teacher: dict[str, Any] = {}
+    """The filter's teacher (``TeacherConfig`` keys) when ``labels`` is null: the teacher labels the sample."""
     benchmarks: list[str] = ["humaneval"]
     dedup_threshold: float = 0.8
     served_items: int = 8
     """Exercises generated against the served export at the end of the serving stage (0: none)."""
 
 
+class TuneStageConfig(Section):
+    """An optional Ray Tune sweep before finetuning (``jobs/tune_finetune.py``'s config): its trials start from the
+    pipeline's pretraining checkpoint on the finetuning data; the best trial's hyperparameters go into finetuning."""
+
+    enabled: bool = False
+    config: str = "configs/tune/tiny.yaml"
+    overrides: dict[str, Any] = {}
+    """Merged over the file, key by key (``{num_samples: 2}``)."""
+
+
+StageName = Literal[
+    "tokenizer", "datagen", "decontaminate", "data", "pretrain", "tune", "finetune", "export", "evaluate", "serve"
+]
+
+
 class PipelineConfig(Section):
-    """The end-to-end job (``jobs/pipeline.py``); stages grow with the project."""
+    """The end-to-end job (``jobs/pipeline.py``): the whole recipe as stages, each skipped when its outputs exist."""
 
     run_dir: str = "runs/demo"
+    """Stage markers, tokenizer, metrics, evaluation and the export (small files)."""
+    storage: str | None = None
+    """Where the large outputs go: generated corpora, prepared data, checkpoints (``s3://bucket/phi1``,
+    ``gs://...`` or a shared directory). None: under ``run_dir``. On a multi-node cluster every node must see it."""
     seed: int = 0
+    skip: list[StageName] = []
+    """Stages not to run (``skip=[serve]``); also each stage section's ``enabled: false``."""
+    rerun: list[StageName] = []
+    """Stages to run again even though their outputs exist (``rerun=[finetune]``); the stages after them follow."""
     model: ModelConfig = ModelConfig(name="tiny")
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig(sources=[SourceConfig(type="stdlib", max_bytes=4_000_000)], seq_len=256)
@@ -586,6 +626,7 @@ class PipelineConfig(Section):
     pretrain: StageJobConfig = StageJobConfig(config="configs/pretrain/tiny.yaml")
     finetune: StageJobConfig = StageJobConfig(config="configs/finetune/tiny.yaml")
     datagen: DatagenStageConfig = DatagenStageConfig()
+    tune: TuneStageConfig = TuneStageConfig()
     evaluation: EvalStageConfig = EvalStageConfig()
     serving: ServeStageConfig = ServeStageConfig()
 

@@ -1,7 +1,7 @@
 """phi1_ray's OpenAI-compatible completions API as a Ray Serve application.
 
     serve run serve_apps.phi1:app                      # $PHI1_CHECKPOINT, else the checkpoint `make demo` exports
-    serve run serve_apps.phi1:app_builder checkpoint=runs/demo/hf num_replicas=2
+    serve run serve_apps.phi1:app_builder checkpoint=runs/demo/export num_replicas=2
     serve run serve_apps/phi1.yaml                     # autoscaling, limits and GPUs from the config file
     serve deploy serve_apps/phi1.yaml                  # the same, to a running cluster
 

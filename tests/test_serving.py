@@ -19,6 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 
 from phi1_ray.checkpoint import load_model, save_checkpoint
 from phi1_ray.config import SamplingConfig
@@ -364,6 +365,9 @@ def test_app_arguments_are_typed_and_bad_ones_are_named(checkpoint, monkeypatch)
     options = deployment_options(args)
     assert options["num_replicas"] == 2 and options["max_queued_requests"] == 8
     assert options["ray_actor_options"]["num_gpus"] == 1.0
+    # the default `auto`: one GPU per replica where the Ray cluster (here: this machine, no Ray) has GPUs, else none
+    assert parse_args({}).num_gpus == "auto"
+    assert deployment_options(parse_args({}))["ray_actor_options"]["num_gpus"] == float(torch.cuda.is_available())
     scaled = deployment_options(parse_args({"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6}))
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6.0}
     for bad, named in (
@@ -371,6 +375,8 @@ def test_app_arguments_are_typed_and_bad_ones_are_named(checkpoint, monkeypatch)
         ({"dtype": "int8"}, "dtype"),
         ({"replicas": 2}, "replicas"),
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ({"num_gpus": -1}, "num_gpus"),
+        ({"num_gpus": "some"}, "num_gpus"),
     ):
         with pytest.raises(ConfigError, match=named):
             parse_args(bad)

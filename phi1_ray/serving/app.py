@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from phi1_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = ROOT / "runs" / "demo" / "hf"  # what `make demo` exports
+DEFAULT_CHECKPOINT = ROOT / "runs" / "demo" / "export"  # what `make demo` exports
 CHECKPOINT_ENV = "PHI1_CHECKPOINT"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -27,7 +27,7 @@ class AppArgs(BaseModel):
 
     checkpoint: str | None = None
     """A phi1_ray checkpoint, training run directory, Hugging Face directory or hub id. Default: $PHI1_CHECKPOINT,
-    else the export of `make demo` (runs/demo/hf)."""
+    else the export of `make demo` (runs/demo/export)."""
     model_name: str | None = None
     """The model id clients send and /v1/models lists. Default: the checkpoint directory's name."""
     num_replicas: int | None = Field(None, ge=1)
@@ -39,7 +39,9 @@ class AppArgs(BaseModel):
     """Requests a replica works on at once (its engine batches them)."""
     max_queued_requests: int = Field(64, ge=-1)
     """Requests waiting for a replica; past this clients get a quick 503. -1: unbounded."""
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float | Literal["auto"] = "auto"
+    """GPUs per replica. ``auto``: 1 when the Ray cluster has GPUs (or, outside Ray, this machine has one), else 0:
+    the same Serve config runs on a laptop and on GPU nodes."""
     num_cpus: float = Field(1.0, ge=0)
     device: str = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
@@ -51,6 +53,8 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
+        if self.num_gpus != "auto" and self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0 or auto, got {self.num_gpus}")
         if self.num_replicas is None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
@@ -72,6 +76,8 @@ def resolve_checkpoint(value: str | None) -> str:
     """An absolute checkpoint path (or a hub id); ConfigError saying how to get or name one when there is none."""
     source = "checkpoint=" if value else f"${CHECKPOINT_ENV}" if os.environ.get(CHECKPOINT_ENV) else "the default"
     chosen = value or os.environ.get(CHECKPOINT_ENV) or str(DEFAULT_CHECKPOINT)
+    if "://" in chosen:
+        return chosen  # object storage: each replica copies it once (phi1_ray.checkpoint.localize)
     path = Path(chosen).expanduser()
     if path.exists():
         return str(path.resolve())
@@ -84,8 +90,25 @@ def resolve_checkpoint(value: str | None) -> str:
     )
 
 
+def resolve_gpus(value: float | str) -> float:
+    """``auto``: one GPU per replica when the connected Ray cluster has GPUs (outside Ray: when this machine has
+    a CUDA device), else none."""
+    if value != "auto":
+        return float(value)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    except ImportError:
+        pass
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
 def deployment_options(args: AppArgs, env: dict[str, str] | None = None) -> dict[str, Any]:
-    actor: dict[str, Any] = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    actor: dict[str, Any] = {"num_cpus": args.num_cpus, "num_gpus": resolve_gpus(args.num_gpus)}
     if env:
         actor["runtime_env"] = {"env_vars": env}
     options: dict[str, Any] = {

@@ -60,6 +60,10 @@ def find_checkpoint(path: str | Path, prefer: str = "best") -> Path | None:
         run = json.loads(run_file.read_text())
         for key in (prefer, "latest", "best"):
             candidate = run.get(key)
+            if candidate and "://" in candidate:  # on object storage: a local copy
+                from phi1_ray.checkpoint import localize
+
+                candidate = localize(candidate)
             if candidate and is_train_checkpoint(candidate):
                 return Path(candidate)
     if root.is_dir():

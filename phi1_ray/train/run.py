@@ -39,6 +39,10 @@ def _init_model_config(job: TrainJobConfig) -> tuple[ModelConfig, str]:
     """The model of a run that starts from ``init_from``: sizes from there, runtime options from the config."""
     source = job.init_from
     assert source is not None
+    if "://" in source:  # object storage: a local copy (load_model reads the same one)
+        from phi1_ray.checkpoint import localize
+
+        source = localize(source)
     found = find_checkpoint(source) if Path(source).exists() else None
     if found is not None:
         fields = read_train_manifest(found)["model"]
@@ -214,7 +218,8 @@ def run_training(
         log(note)
 
     tokenizer = _tokenizer(job, run_dir, log)
-    data_dir = job.prepared or str(run_dir / "data")
+    # with checkpoints on shared storage the data goes beside them, where every node reads it
+    data_dir = job.prepared or (f"{storage}/{name}-data" if job.storage_path else str(run_dir / "data"))
     if "://" not in data_dir:
         data_dir = str(Path(data_dir).resolve())
     if job.prepared:
