@@ -245,7 +245,9 @@ def unit_hash(seed: int, *parts: object) -> float:
 
 
 def split_of(doc: Document, cfg: DataConfig) -> str:
-    if cfg.val_fraction and unit_hash(cfg.seed, "val", doc.path, doc.line) < cfg.val_fraction:
+    """``val`` for a seeded ``val_fraction`` of documents, drawn from their content: the same split wherever the
+    corpus lives (a run directory elsewhere, another machine), and copies of a document land on the same side."""
+    if cfg.val_fraction and unit_hash(cfg.seed, "val", doc.text, doc.completion) < cfg.val_fraction:
         return "val"
     return "train"
 
@@ -254,7 +256,7 @@ def copies(doc: Document, weight: float, seed: int) -> int:
     """How many times a document of a source with ``weight`` is seen: floor(w), plus one with prob frac(w)."""
     whole = int(weight)
     frac = weight - whole
-    return whole + (1 if frac and unit_hash(seed, "weight", doc.path, doc.line) < frac else 0)
+    return whole + (1 if frac and unit_hash(seed, "weight", doc.text, doc.completion) < frac else 0)
 
 
 def iter_texts(sources: list[SourceConfig], cfg: DataConfig | None = None) -> Iterator[str]:
