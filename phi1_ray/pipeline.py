@@ -91,6 +91,15 @@ def _remove(path: str) -> None:
         filesystem.delete_file(root)
 
 
+def upload(local: Path, uri: str) -> None:
+    """Copy a local directory to ``uri`` (object storage, or a directory given as a URI)."""
+    from pyarrow import fs
+
+    filesystem, root = filesystem_of(uri)
+    filesystem.create_dir(root, recursive=True)
+    fs.copy_files(str(local), root, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+
+
 def fingerprint(settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -280,7 +289,8 @@ def plan(cfg: PipelineConfig) -> Plan:
     store = cfg.storage.rstrip("/") if cfg.storage else str(run_dir)
     if "://" not in store:
         store = str(Path(store).expanduser().resolve())
-    tokenizer_path = cfg.tokenizer.path or str(run_dir / "tokenizer")
+    # a trained tokenizer goes beside the large outputs too: workers on every node load it
+    tokenizer_path = cfg.tokenizer.path or (f"{store}/tokenizer" if "://" in store else str(run_dir / "tokenizer"))
     shared = {  # one Ray instance, one MLflow store, one tokenizer for the whole pipeline
         "ray": cfg.ray.model_dump(),
         "mlflow": {"tracking_uri": tracking_uri(cfg.mlflow, run_dir), "experiment": cfg.mlflow.experiment},
@@ -355,10 +365,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             else:
                 stages.skip(stage.name, "skipped in the config")
 
-        tok_out = [] if cfg.tokenizer.path else [str(run_dir / "tokenizer")]
+        tok_out = [] if cfg.tokenizer.path else list(dict.fromkeys([str(run_dir / "tokenizer"), tokenizer_path]))
         step(
             Stage(
-                "tokenizer", (), tok_out, cfg.tokenizer.model_dump(mode="json"), lambda: stage_tokenizer(cfg, run_dir)
+                "tokenizer",
+                (),
+                tok_out,
+                cfg.tokenizer.model_dump(mode="json"),
+                lambda: stage_tokenizer(cfg, run_dir, tokenizer_path),
             )
         )
         check_vocab(load_tokenizer(tokenizer_path), cfg.model.vocab_size)
@@ -405,7 +419,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                 uses_ray=True,
             )
         )
-        if sweep is not None:
+        if sweep is None:
+            stages.skip("tune", "skipped in the config")
+        else:
             step(
                 Stage(
                     "tune",
@@ -492,7 +508,7 @@ def train_outputs(job: TrainJobConfig, ckpt_root: str | None) -> list[str]:
 # -- the stages -----------------------------------------------------------------------------------------------------
 
 
-def stage_tokenizer(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
+def stage_tokenizer(cfg: PipelineConfig, run_dir: Path, shared_path: str) -> dict[str, Any]:
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
         log(f"tokenizer: {cfg.tokenizer.path} ({len(tokenizer)} entries)")
@@ -501,7 +517,10 @@ def stage_tokenizer(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     names = ", ".join(s.label for s in cfg.tokenizer.sources)
     log(f"tokenizer: training a {cfg.tokenizer.vocab_size}-entry byte-level BPE on {names}")
     tokenizer = train_from_sources(cfg.tokenizer.sources, cfg.tokenizer.vocab_size, out)
-    return {"path": str(out), "size": len(tokenizer)}
+    if shared_path != str(out):
+        upload(out, shared_path)
+        log(f"tokenizer: copied to {shared_path}")
+    return {"path": shared_path, "size": len(tokenizer)}
 
 
 def datagen_corpora(cfg: PipelineConfig, gen: str) -> dict[str, list[str]]:
@@ -647,10 +666,7 @@ def stage_export(trained: Path, out: Path, uri_out: str, tracking: str, run_id: 
         raise ConfigError(f"export: {trained} has no checkpoint")
     path = export(checkpoint, out, tracking, run_id, log)
     if uri_out != str(out):
-        from pyarrow import fs
-
-        filesystem, root = filesystem_of(uri_out)
-        fs.copy_files(str(out), root, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+        upload(out, uri_out)
         log(f"export: copied to {uri_out}")
     from phi1_ray.checkpoint import load_model
 

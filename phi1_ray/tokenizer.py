@@ -18,9 +18,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def load_tokenizer(path_or_id: str | Path) -> Any:
-    """A ``transformers`` tokenizer from a local directory or a hub id (online)."""
+    """A ``transformers`` tokenizer from a local directory, a directory on object storage (``s3://``, ``gs://``:
+    copied once to the local cache) or a hub id (online)."""
     from transformers import AutoTokenizer
 
+    if "://" in str(path_or_id):
+        from phi1_ray.checkpoint import localize
+
+        path_or_id = localize(path_or_id)
     path = Path(path_or_id).expanduser()
     if path.exists() and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{path} holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")

@@ -3,6 +3,9 @@
 stages skipped, pretraining continued from its checkpoint, the rest run), again (everything skipped), and once more
 after one stage's output was deleted (that stage and the ones after it run again, the earlier ones do not).
 
+Its large outputs go to ``storage=file://...``: the URI path a cluster takes with ``s3://`` or ``gs://`` (pyarrow's
+filesystems, Ray Train's ``storage_path``, checkpoints and the tokenizer loaded through a local copy).
+
 Ray 2.60 clusters started this way use token authentication: the submitting shell sets ``RAY_AUTH_MODE=token``.
 """
 
@@ -55,9 +58,14 @@ def _wait_http(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
 class Cluster:
     """``ray start --head --block`` on free ports, and the ``ray`` CLI against it."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         self.bin = Path(sys.executable).parent
-        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+            "RAY_AUTH_MODE": "token",
+            **env,
+        }
         self.env.pop("RAY_ADDRESS", None)
         dashboard = _free_port()
         self.gcs_port = _free_port()
@@ -125,9 +133,12 @@ def _summary(out: str) -> dict:
     return json.loads(out.split("[pipeline] summary:\n")[1].split("\n[pipeline]")[0].split("\n\n===")[0])
 
 
-def test_pipeline_submitted_stopped_resubmitted_and_rerun_stage_by_stage(tmp_path):
+def test_pipeline_submitted_stopped_resubmitted_and_rerun_stage_by_stage(tmp_path, monkeypatch):
     port = _free_port()
     run_dir = tmp_path / "run"
+    bucket = tmp_path / "bucket"  # object storage, through its URI
+    cache = tmp_path / "cache"  # where checkpoints and tokenizers on object storage are copied
+    monkeypatch.setenv("PHI1_CACHE", str(cache))
     job = [
         "python",
         "jobs/pipeline.py",
@@ -135,6 +146,7 @@ def test_pipeline_submitted_stopped_resubmitted_and_rerun_stage_by_stage(tmp_pat
         "configs/pipeline/demo.yaml",
         "--run-dir",
         str(run_dir),
+        f"storage={bucket.as_uri()}",
         "tokenizer.sources=[{type: stdlib, max_bytes: 400000}]",
         "datagen.code=[{type: stdlib, max_bytes: 1200000}]",
         "datagen.exercises=[{type: stdlib, max_bytes: 2000000}]",
@@ -147,14 +159,21 @@ def test_pipeline_submitted_stopped_resubmitted_and_rerun_stage_by_stage(tmp_pat
         "pretrain.overrides={optim: {max_steps: 120, warmup_steps: 2}, train: {checkpoint_every: 10, eval_every: 60}}",
         "finetune.overrides={optim: {max_steps: 10, warmup_steps: 2}, train: {checkpoint_every: 5, eval_every: 5}}",
     ]
-    cluster = Cluster()
+    cluster = Cluster({"PHI1_CACHE": str(cache)})
     try:
         # 1. submitted, then stopped by the user during pretraining, once a checkpoint exists
         cluster.submit("pipeline-1", job, wait=False)
         pretrain = run_dir / "pretrain"
         deadline = time.time() + 900
-        while not (max(loss_steps(metrics(pretrain)), default=0) >= 10 and registered_checkpoints(pretrain) >= 1):
+        polls = 0
+        while not (max(loss_steps(metrics(pretrain)), default=0) >= 10 and registered_checkpoints(bucket) >= 1):
             assert time.time() < deadline, "no pretraining checkpoint within 15 minutes"
+            polls += 1
+            if polls % 50 == 0:  # a job that failed on the way ends the test at once, with its log
+                status = cluster.ray("job", "status", "--address", cluster.address, "pipeline-1")
+                if "FAILED" in status.stdout + status.stderr:
+                    logs = cluster.ray("job", "logs", "--address", cluster.address, "pipeline-1")
+                    raise AssertionError(f"the submission failed:\n{logs.stdout[-5000:]}")
             time.sleep(0.3)
         stop = cluster.ray("job", "stop", "--address", cluster.address, "pipeline-1")
         assert stop.returncode == 0, (stop.stdout + stop.stderr)[-3000:]
@@ -176,7 +195,10 @@ def test_pipeline_submitted_stopped_resubmitted_and_rerun_stage_by_stage(tmp_pat
         assert "training in fp32 instead" in out  # the configs' fp16, on CPUs
         summary = _summary(out)
         assert summary["stages"]["tokenizer"] == "skipped" and summary["stages"]["serve"].startswith("ran in")
-        check_first_full_run(run_dir, summary, out, port)
+        check_first_full_run(run_dir, bucket, summary, out, port)
+        # the tokenizer and the export were loaded from the storage through local copies
+        copies = sorted(p.name.rsplit("-", 1)[0] for p in (cache / "checkpoints").iterdir())
+        assert "tokenizer" in copies and "export" in copies, copies
 
         # 3. again: every stage finished, nothing runs
         quiet = [*job, "serving.enabled=false"]
@@ -202,10 +224,10 @@ def test_pipeline_submitted_stopped_resubmitted_and_rerun_stage_by_stage(tmp_pat
         cluster.stop()
 
 
-def check_first_full_run(run_dir: Path, summary: dict, out: str, port: int) -> None:
+def check_first_full_run(run_dir: Path, bucket: Path, summary: dict, out: str, port: int) -> None:
     """What the finished pipeline made: corpora, prepared data, both training stages, the export, the benchmark
     score, the served request and the summary a person reads."""
-    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    manifest = json.loads((bucket / "data" / "manifest.json").read_text())
     assert manifest["tokens"] == summary["data_tokens"] > 30_000
     assert summary["parameters"] > 1_000_000 and summary["generated_tokens"] > 0
 
@@ -215,10 +237,12 @@ def check_first_full_run(run_dir: Path, summary: dict, out: str, port: int) -> N
     assert 0 < datagen["filtered_code"] < datagen["code_documents"] and datagen["filter"]["held_out"] > 0
     assert datagen["mined_exercises"] > 150 and datagen["after_dedup"]["mined_exercises"] > 150
     assert manifest["documents"] == datagen["after_dedup"]["filtered_code"]
-    fine_sources = json.loads((run_dir / "finetune" / "data" / "manifest.json").read_text())["sources"]
-    assert fine_sources[0]["type"] == "datagen" and fine_sources[0]["paths"] == [
-        str(run_dir / "datagen/dedup/mined_exercises")
-    ]
+    fine_sources = json.loads((bucket / "checkpoints" / "finetune-data" / "manifest.json").read_text())["sources"]
+    assert fine_sources[0]["type"] == "datagen"
+    assert fine_sources[0]["paths"] == [f"{bucket.as_uri()}/datagen/dedup/mined_exercises"]
+    for name in ("tokenizer", "datagen/filtered_code", "datagen/dedup", "checkpoints/pretrain", "export"):
+        assert (bucket / name).is_dir(), name  # the large outputs are on the storage
+    assert not (run_dir / "data").exists() and not (run_dir / "pretrain" / "checkpoints").exists()
     assert set(manifest["splits"]) == {"train", "val"} and manifest["block_len"] == 129
     pre_loss, fine_val = summary["pretrain_loss"], summary["finetune_val_loss"]
     assert pre_loss[1] < pre_loss[0] and fine_val[1] <= fine_val[0], summary
@@ -230,7 +254,7 @@ def check_first_full_run(run_dir: Path, summary: dict, out: str, port: int) -> N
     # The export of the best finetuning checkpoint is a plain transformers model that agrees with it.
     ours, tokenizer = load_model(run_dir / "finetune")
     export = summary["hf_export"]
-    assert export == str(run_dir / "export")
+    assert export == str(run_dir / "export") and summary["export_uri"] == f"{bucket.as_uri()}/export"
     theirs = AutoModelForCausalLM.from_pretrained(export).eval()
     assert len(AutoTokenizer.from_pretrained(export)) == len(tokenizer)
     ids = torch.tensor([tokenizer.encode("def f(x):\n    return x\n")])

@@ -132,11 +132,12 @@ def test_stage_settings_errors_name_the_problem(tmp_path):
     assert p.sweep.overrides["model"]["name"] == "tiny" and p.sweep.overrides["optim.max_steps"] == 40
 
 
-def test_checkpoints_on_object_storage_are_loaded_through_a_local_copy(tmp_path, monkeypatch):
+def test_checkpoints_on_object_storage_are_loaded_through_a_local_copy(tmp_path, monkeypatch, tokenizer):
     """A URI checkpoint (here ``file://``, the same pyarrow path as ``s3://`` / ``gs://``) is copied once per content
     into the cache; the serving app accepts one as is."""
     from phi1_ray.checkpoint import load_model, localize, save_checkpoint
     from phi1_ray.serving.app import resolve_checkpoint
+    from phi1_ray.tokenizer import load_tokenizer
     from tests.conftest import random_model
 
     monkeypatch.setenv("PHI1_CACHE", str(tmp_path / "cache"))
@@ -152,5 +153,8 @@ def test_checkpoints_on_object_storage_are_loaded_through_a_local_copy(tmp_path,
     second = localize(uri)
     assert second != first and not torch.equal(load_model(uri)[0].lm_head.weight, loaded.lm_head.weight)
     assert resolve_checkpoint("s3://bucket/phi1/export") == "s3://bucket/phi1/export"
+    tokenizer.save_pretrained(tmp_path / "bucket" / "tokenizer")  # a trained tokenizer, as the pipeline uploads it
+    remote = load_tokenizer((tmp_path / "bucket" / "tokenizer").as_uri())
+    assert remote.encode("def f(x):\n    return x\n") == tokenizer.encode("def f(x):\n    return x\n")
     with pytest.raises(Exception, match="no files there|cannot list"):
         localize((tmp_path / "empty").as_uri())
