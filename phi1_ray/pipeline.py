@@ -40,6 +40,7 @@ from phi1_ray.train.checkpoints import RUN_FILE
 from phi1_ray.train.deepspeed_config import merge
 from phi1_ray.train.run import RUNTIME_MODEL_FIELDS
 
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")  # pyarrow's filesystems
 STAGES = (
     "tokenizer",
     "datagen",
@@ -289,6 +290,9 @@ def plan(cfg: PipelineConfig) -> Plan:
     store = cfg.storage.rstrip("/") if cfg.storage else str(run_dir)
     if "://" not in store:
         store = str(Path(store).expanduser().resolve())
+    elif store.split("://", 1)[0] not in STORAGE_SCHEMES:  # checked without contacting the storage
+        schemes = ", ".join(f"{s}://" for s in STORAGE_SCHEMES)
+        raise ConfigError(f"storage={cfg.storage}: unknown scheme (use {schemes} or a directory)")
     # a trained tokenizer goes beside the large outputs too: workers on every node load it
     tokenizer_path = cfg.tokenizer.path or (f"{store}/tokenizer" if "://" in store else str(run_dir / "tokenizer"))
     shared = {  # one Ray instance, one MLflow store, one tokenizer for the whole pipeline

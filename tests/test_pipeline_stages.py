@@ -122,6 +122,9 @@ def test_stage_settings_errors_name_the_problem(tmp_path):
         _plan("demo", run_dir=str(tmp_path), skip=["tokenizer"])
     with pytest.raises(ConfigError, match="evaluate needs the export stage"):
         _plan("demo", run_dir=str(tmp_path), skip=["export"])
+    with pytest.raises(ConfigError, match="storage=foo://bucket: unknown scheme .*s3://"):
+        _plan("demo", run_dir=str(tmp_path / "bad"), storage="foo://bucket")
+    assert not (tmp_path / "bad").exists()  # nothing written
     with pytest.raises(ConfigError, match="datagen.teacher"):
         _plan("demo", run_dir=str(tmp_path), datagen={"enabled": True, "labels": None, "teacher": {"modle": "x"}})
     # with the sweep on, its trials start from the pipeline's pretraining run on the finetuning data
