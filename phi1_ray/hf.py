@@ -8,6 +8,7 @@ Our parameter names are the Hugging Face ones, so both directions are a (checked
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,18 @@ def load_state_into(model: Phi1ForCausalLM, state: dict[str, torch.Tensor], sour
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
+
+
+def count_parameters(directory: str | Path) -> int:
+    """Parameters of an exported model, from its safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -32,10 +32,10 @@ from phi1_ray.config import (
     read_yaml,
     set_dotted,
 )
-from phi1_ray.data.read import filesystem_of
+from phi1_ray.data.read import filesystem_of, path_exists
 from phi1_ray.errors import ConfigError
 from phi1_ray.tokenizer import check_vocab, load_tokenizer, train_from_sources
-from phi1_ray.tracking import mlflow_run, tracking_uri
+from phi1_ray.tracking import flatten, mlflow_run, tracking_uri
 from phi1_ray.train.checkpoints import RUN_FILE
 from phi1_ray.train.deepspeed_config import merge
 from phi1_ray.train.run import RUNTIME_MODEL_FIELDS
@@ -72,13 +72,6 @@ class Stage:
     """What the stage's result depends on besides its inputs (hashed; a change reruns it)."""
     run: Callable[[], dict[str, Any]]
     uses_ray: bool = False
-
-
-def _exists(path: str) -> bool:
-    from pyarrow import fs
-
-    filesystem, root = filesystem_of(path)
-    return filesystem.get_file_info(root).type != fs.FileType.NotFound
 
 
 def _remove(path: str) -> None:
@@ -124,7 +117,7 @@ class Stages:
         record = json.loads(path.read_text()) if path.is_file() else None
         inputs = {d: self.ids[d] for d in stage.deps if d in self.ids}
         settings = fingerprint(stage.settings)
-        missing = [o for o in stage.outputs if not _exists(o)]
+        missing = [o for o in stage.outputs if not path_exists(o)]
         if (
             record is not None
             and record["status"] == "finished"
@@ -157,7 +150,7 @@ class Stages:
             why = f"{', '.join(missing)} missing"
         if clear:
             for out in stage.outputs:
-                if _exists(out):
+                if path_exists(out):
                     log(f"{stage.name}: removing {out} (stale)")
                     _remove(out)
         log(f"{stage.name}: running ({why})")
@@ -211,16 +204,6 @@ def enabled_stages(cfg: PipelineConfig) -> dict[str, bool]:
     return on
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def stage_job_data(cfg: PipelineConfig, stage: StageJobConfig, forced: dict[str, Any]) -> dict[str, Any]:
     data = read_yaml(stage.config) if stage.config else {}
     data = merge(merge(data, stage.overrides), forced)
@@ -236,7 +219,7 @@ def tune_job(cfg: PipelineConfig, finetune: dict[str, Any], run_dir: Path) -> Tu
     data = merge(read_yaml(cfg.tune.config), cfg.tune.overrides)
     if not cfg.finetune.config:
         raise ConfigError("tune: the sweep's base is finetune.config, which is not set")
-    overrides = {**_flat(cfg.finetune.overrides), **data.get("overrides", {})}
+    overrides = {**flatten(cfg.finetune.overrides), **data.get("overrides", {})}
     for key in ("init_from", "storage_path", "data.sources", "data.tokenizer", "model", "mlflow", "seed"):
         value = finetune
         for part in key.split("."):
@@ -672,10 +655,9 @@ def stage_export(trained: Path, out: Path, uri_out: str, tracking: str, run_id: 
     if uri_out != str(out):
         upload(out, uri_out)
         log(f"export: copied to {uri_out}")
-    from phi1_ray.checkpoint import load_model
+    from phi1_ray.hf import count_parameters
 
-    model, _ = load_model(path)
-    return {"checkpoint": str(checkpoint), "hf": str(path), "uri": uri_out, "parameters": model.num_parameters()}
+    return {"checkpoint": str(checkpoint), "hf": str(path), "uri": uri_out, "parameters": count_parameters(path)}
 
 
 def stage_evaluate(cfg: PipelineConfig, run_dir: Path, checkpoint: str, run_id: str, tracking: str) -> dict[str, Any]:

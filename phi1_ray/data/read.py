@@ -64,6 +64,14 @@ def filesystem_of(path: str) -> tuple[Any, str]:
     return fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
+def path_exists(path: str) -> bool:
+    """Whether a file or directory exists, locally or on object storage."""
+    from pyarrow import fs
+
+    filesystem, root = filesystem_of(path)
+    return filesystem.get_file_info(root).type != fs.FileType.NotFound
+
+
 def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 

@@ -26,15 +26,6 @@ def default_run_dir(job: str) -> str:
     return f"runs/{job}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _has_files(path: str) -> bool:
-    from pyarrow import fs as pafs
-
-    from phi1_ray.data.read import filesystem_of
-
-    filesystem, root = filesystem_of(path)
-    return filesystem.get_file_info(root).type != pafs.FileType.NotFound
-
-
 def _init_model_config(job: TrainJobConfig) -> tuple[ModelConfig, str]:
     """The model of a run that starts from ``init_from``: sizes from there, runtime options from the config."""
     source = job.init_from
@@ -83,7 +74,9 @@ def check(job: TrainJobConfig) -> TrainJobConfig:
         model, _ = _init_model_config(job)
         updates["model"] = model
     if job.prepared:
-        if not _has_files(f"{job.prepared.rstrip('/')}/manifest.json"):
+        from phi1_ray.data.read import path_exists
+
+        if not path_exists(f"{job.prepared.rstrip('/')}/manifest.json"):
             raise ConfigError(f"prepared={job.prepared}: no manifest.json there; run jobs/prepare_data.py first")
     else:
         from phi1_ray.data.read import list_files
