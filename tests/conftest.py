@@ -39,13 +39,23 @@ def tokenizer(tmp_path_factory):
     return train_from_sources([SourceConfig(type="stdlib", max_bytes=1_000_000)], 512, out)
 
 
-def start_local_ray() -> None:
+def start_local_ray(env: dict[str, str] | None = None) -> None:
     """A local Ray instance with 4 logical CPUs on 2 cores, so a 2-worker TorchTrainer and the data pipeline's
-    actors fit at once."""
+    actors fit at once. ``env``: variables for the Ray processes only (what ``VAR=1 ray start`` gives a cluster);
+    this process's environment is left as it was."""
     import ray
     import ray.data
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

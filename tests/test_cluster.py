@@ -24,6 +24,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from phi1_ray.serving.app import HAPROXY_ENV
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
@@ -165,6 +166,7 @@ def test_launcher_config_gpu_nodes_setup_and_storage(name):
         assert any("RAY_AUTH_MODE=token ray start" in c for c in commands)
     env = config["setup_commands"][0]
     assert "export RAY_AUTH_MODE=token" in env and "export PYTHONPATH=$HOME/phi1_ray" in env
+    assert f"export {HAPROXY_ENV}=1" in env  # Serve's HAProxy ingress on every node
 
     # shared storage is this cloud's object storage
     text = (CLUSTER / name).read_text()
@@ -243,6 +245,13 @@ def test_rayservice_keeps_a_gpu_pod_and_names_the_checkpoint():
         env = {e["name"]: e["value"] for e in container.get("env", [])}
         assert env[CHECKPOINT_ENV] == "s3://YOUR-BUCKET/phi1/export"
         assert resolve_checkpoint(env[CHECKPOINT_ENV]) == env[CHECKPOINT_ENV]  # object storage is taken as is
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayCluster"])
+def test_kuberay_serving_clusters_run_serves_haproxy_ingress(kind):
+    spec = cluster_spec(manifests()[kind])
+    for container in containers(spec):
+        assert {e["name"]: e["value"] for e in container["env"]}.get(HAPROXY_ENV) == "1", container["name"]
 
 
 def test_rayjob_runs_pretraining_with_checkpoints_on_object_storage(monkeypatch, capsys):

@@ -1,5 +1,6 @@
-"""Serving: the engine without Ray, then the Serve app on the session's local Ray instance, driven over real HTTP
-by the official ``openai`` client; ``serve run`` in both of its forms through a subprocess."""
+"""Serving: the engine without Ray, then the Serve app on this module's local Ray instance behind HAProxy (the
+ingress the cluster files enable), driven over real HTTP by the official ``openai`` client; ``serve run`` in both
+of its forms through a subprocess, on Serve's default Python proxy (a laptop's ``serve run``)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import torch
 from phi1_ray.checkpoint import load_model, save_checkpoint
 from phi1_ray.config import SamplingConfig
 from phi1_ray.generate import generate
+from phi1_ray.serving.app import HAPROXY_ENV
 from phi1_ray.serving.engine import InferenceEngine
-from tests.conftest import ROOT, random_model
+from tests.conftest import ROOT, random_model, start_local_ray
 
 PROMPTS = ["def add(a, b):\n", "import os\n\nclass Walker:\n    def", "for i in range(10):\n", "x = {'a': 1}\nprint("]
 
@@ -34,6 +36,40 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _listener(port: int) -> str:
+    """The name of the process listening on 127.0.0.1/0.0.0.0:``port`` (from /proc: Linux only)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(fields[9])
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes} for fd in fds):
+                return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # gone, or not ours to look at
+            continue
+    return ""
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """This module's Ray instance runs Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1`` in the Ray
+    processes' environment, as cluster/ sets it): HAProxy on the HTTP port forwards to the replica's own HTTP
+    server. Its stats and metrics ports are moved off their defaults (8404, 9101) to free ones, and replicas drain
+    for 1 s instead of 30 when an app is deleted (nothing balances load here)."""
+    import ray
+
+    start_local_ray({HAPROXY_ENV: "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"})  # fmt: skip
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +95,7 @@ def served(ray_local, checkpoint):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder({"checkpoint": str(checkpoint), "num_replicas": 1}), name="phi1", route_prefix="/")
+    assert _listener(port) == "haproxy"  # every request of this module goes through HAProxy, none via Serve's proxy
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -286,6 +323,7 @@ def test_api_key_and_overload_answer_401_and_quick_503(ray_local, checkpoint, mo
 def _serve_run(args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, **env_extra, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)  # a fresh local instance, as on a user's machine
+    env.pop(HAPROXY_ENV, None)  # with Serve's default proxy
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "serve"), "run", *args],
         cwd=ROOT,
