@@ -118,7 +118,9 @@ def test_concurrency_and_rate_limits_hold_across_actors(ray_local, tmp_path):
         arrivals = server.arrivals
         span = arrivals[-1] - arrivals[0]
         assert span >= 29 / 12.0 * 0.9, span  # one token bucket for both actors: 12 requests/s at most
-        assert max(sum(1 for t in arrivals if a <= t < a + 1.0) for a in arrivals) <= 13
+        # grants are 1/12 s apart (13 fit in a 1 s window); arrivals at the server add the send path's jitter on two
+        # busy cores (a CI run once saw 14), so 2 arrivals of slack: one bucket per actor would give ~24
+        assert max(sum(1 for t in arrivals if a <= t < a + 1.0) for a in arrivals) <= 15
 
 
 def test_decontaminate_command_line_contract(tmp_path):
