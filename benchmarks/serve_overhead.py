@@ -43,6 +43,12 @@ from phi1_ray.tokenizer import train_from_sources  # noqa: E402
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -78,6 +84,8 @@ def main() -> None:
     # A replica behind HAProxy keeps answering for 30 s once told to stop (for load balancers to notice); nothing
     # balances here, so the benchmark does not wait for it.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    for variable in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):  # off 8404/9101: another
+        os.environ.setdefault(variable, str(free_port()))  # Serve with HAProxy on this machine may hold them
     short_n = 30 if args.quick else 200
     long_tokens, burst_tokens = 128, 48 if args.quick else 96
 
@@ -121,9 +129,7 @@ def main() -> None:
 
         # -- through Serve --------------------------------------------------------------------------------------
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = app_builder({"checkpoint": str(checkpoint), "num_replicas": 1, "max_ongoing_requests": 64,
                            "max_batch_size": args.clients})  # fmt: skip

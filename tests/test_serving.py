@@ -33,27 +33,41 @@ PROMPTS = ["def add(a, b):\n", "import os\n\nclass Walker:\n    def", "for i in 
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open while they are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _listener(port: int) -> str:
     """The name of the process listening on 127.0.0.1/0.0.0.0:``port`` (from /proc: Linux only)."""
-    inodes = set()
+    sockets = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
                 if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                    inodes.add(fields[9])
+                    sockets.add(f"socket:[{fields[9]}]")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes} for fd in fds):
-                return Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:  # gone, or not ours to look at
             continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in sockets:
+                    return Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:  # closed meanwhile
+                continue
     return ""
 
 
@@ -65,8 +79,9 @@ def ray_local():
     for 1 s instead of 30 when an app is deleted (nothing balances load here)."""
     import ray
 
-    start_local_ray({HAPROXY_ENV: "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    stats, metrics = _free_ports(2)
+    start_local_ray({HAPROXY_ENV: "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
                      "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"})  # fmt: skip
     yield ray
     ray.shutdown()

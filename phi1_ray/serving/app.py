@@ -20,7 +20,7 @@ CHECKPOINT_ENV = "PHI1_CHECKPOINT"
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 """Set to 1 in the environment of the Ray processes (``ray start``, ``serve run``; cluster/ does it), Serve puts
 HAProxy on the HTTP port, forwarding straight to each replica's own HTTP server instead of through Serve's Python
-proxy actor: 1-2 ms per request instead of 5-10 (benchmarks/RESULTS.md, serve_overhead)."""
+proxy actor: a request that does nothing takes 1-2 ms instead of 5-10 (benchmarks/RESULTS.md, serve_overhead)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
