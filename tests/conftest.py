@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -39,6 +41,22 @@ def tokenizer(tmp_path_factory):
     return train_from_sources([SourceConfig(type="stdlib", max_bytes=1_000_000)], 512, out)
 
 
+def free_ports(count: int = 1) -> list[int]:
+    """``count`` distinct free ports on 127.0.0.1 (all held open while they are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
 def start_local_ray(env: dict[str, str] | None = None) -> None:
     """A local Ray instance with 4 logical CPUs on 2 cores, so a 2-worker TorchTrainer and the data pipeline's
     actors fit at once. ``env``: variables for the Ray processes only (what ``VAR=1 ray start`` gives a cluster);
@@ -46,16 +64,8 @@ def start_local_ray(env: dict[str, str] | None = None) -> None:
     import ray
     import ray.data
 
-    saved = {key: os.environ.get(key) for key in env or {}}
-    os.environ.update(env or {})
-    try:
+    with mock.patch.dict(os.environ, env or {}):  # the Ray processes inherit it; restored afterwards
         ray.init(address="local", num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,7 +22,7 @@ from phi1_ray.datagen.output import read_table
 from phi1_ray.datagen.quality import run_filter
 from phi1_ray.datagen.replay_server import Faults, ReplayServer, load_replies
 from phi1_ray.datagen.validate import code_blocks
-from tests.conftest import ROOT, assert_user_error, random_model, run_job
+from tests.conftest import ROOT, assert_user_error, free_port, random_model, run_job
 
 REPLIES = ROOT / "tests/data/teacher_replies.jsonl"
 
@@ -246,9 +245,7 @@ def test_generation_against_the_projects_serve_app(ray_local, tmp_path, tokenize
     from phi1_ray.serving.app import app_builder
 
     checkpoint = save_checkpoint(random_model(seed=3), tmp_path / "teacher", tokenizer)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(app_builder({"checkpoint": str(checkpoint), "num_replicas": 1}), name="teacher", route_prefix="/")

@@ -31,13 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from phi1_ray.checkpoint import load_model
 from phi1_ray.evals.generation import EvalSampling, complete_with_model, requests
 from phi1_ray.evals.problems import load_benchmark
-from tests.conftest import ROOT, loss_steps, metrics, registered_checkpoints
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import ROOT, free_port, loss_steps, metrics, registered_checkpoints
 
 
 def _wait_http(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
@@ -67,8 +61,8 @@ class Cluster:
             **env,
         }
         self.env.pop("RAY_ADDRESS", None)
-        dashboard = _free_port()
-        self.gcs_port = _free_port()
+        dashboard = free_port()
+        self.gcs_port = free_port()
         self.address = f"http://127.0.0.1:{dashboard}"
         self.head = subprocess.Popen(
             [
@@ -81,11 +75,11 @@ class Cluster:
                 "--include-dashboard=true",
                 f"--dashboard-port={dashboard}",
                 # another Ray instance of the test session may hold the default agent and metrics ports
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
-                f"--ray-client-server-port={_free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
                 "--disable-usage-stats",
             ],
             env=self.env,
@@ -134,7 +128,7 @@ def _summary(out: str) -> dict:
 
 
 def test_pipeline_submitted_stopped_resubmitted_and_rerun_stage_by_stage(tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     run_dir = tmp_path / "run"
     bucket = tmp_path / "bucket"  # object storage, through its URI
     cache = tmp_path / "cache"  # where checkpoints and tokenizers on object storage are copied

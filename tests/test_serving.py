@@ -27,25 +27,9 @@ from phi1_ray.config import SamplingConfig
 from phi1_ray.generate import generate
 from phi1_ray.serving.app import HAPROXY_ENV
 from phi1_ray.serving.engine import InferenceEngine
-from tests.conftest import ROOT, random_model, start_local_ray
+from tests.conftest import ROOT, free_port, free_ports, random_model, start_local_ray
 
 PROMPTS = ["def add(a, b):\n", "import os\n\nclass Walker:\n    def", "for i in range(10):\n", "x = {'a': 1}\nprint("]
-
-
-def _free_port() -> int:
-    return _free_ports(1)[0]
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held open while they are picked)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _listener(port: int) -> str:
@@ -79,7 +63,7 @@ def ray_local():
     for 1 s instead of 30 when an app is deleted (nothing balances load here)."""
     import ray
 
-    stats, metrics = _free_ports(2)
+    stats, metrics = free_ports(2)
     start_local_ray({HAPROXY_ENV: "1", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
                      "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
                      "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"})  # fmt: skip
@@ -107,7 +91,7 @@ def served(ray_local, checkpoint):
 
     from phi1_ray.serving.app import app_builder
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_builder({"checkpoint": str(checkpoint), "num_replicas": 1}), name="phi1", route_prefix="/")
     assert _listener(port) == "haproxy"  # every request of this module goes through HAProxy, none via Serve's proxy
