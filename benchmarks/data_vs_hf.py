@@ -111,7 +111,8 @@ def main() -> None:
     # Ours.
     import ray
 
-    from phi1_ray.data.ray_pipeline import init_ray, prepare
+    from phi1_ray.data.ray_pipeline import prepare
+    from phi1_ray.runtime import init_ray
 
     start = time.perf_counter()
     init_ray(RayConfig())

@@ -14,10 +14,10 @@ import json
 
 from phi1_ray.cli import run_main
 from phi1_ray.config import RayConfig, build
-from phi1_ray.data.ray_pipeline import init_ray
 from phi1_ray.datagen.config import DecontamConfig
 from phi1_ray.datagen.decontam import run_decontamination
 from phi1_ray.errors import ConfigError
+from phi1_ray.runtime import init_ray
 
 BENCHMARKS = ("humaneval", "mbpp")
 

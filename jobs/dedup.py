@@ -12,9 +12,9 @@ import json
 
 from phi1_ray.cli import run_main
 from phi1_ray.config import RayConfig, build
-from phi1_ray.data.ray_pipeline import init_ray
 from phi1_ray.datagen.config import DedupConfig
 from phi1_ray.datagen.dedup import run_dedup
+from phi1_ray.runtime import init_ray
 
 
 def main() -> None:

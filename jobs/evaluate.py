@@ -64,7 +64,7 @@ def main() -> None:
     out = args.out or f"runs/eval-{args.benchmark.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.actors:
         from phi1_ray.config import RayConfig
-        from phi1_ray.data.ray_pipeline import init_ray
+        from phi1_ray.runtime import init_ray
 
         init_ray(RayConfig(), min_cpus=args.actors)
     summary = evaluate(

@@ -10,10 +10,10 @@ Ray Data and the documents above the threshold kept with their score.
 import json
 
 from phi1_ray.cli import run_main
-from phi1_ray.data.ray_pipeline import init_ray
 from phi1_ray.datagen.cli import parse
 from phi1_ray.datagen.config import FilterConfig
 from phi1_ray.datagen.quality import run_filter
+from phi1_ray.runtime import init_ray
 
 
 def main() -> None:

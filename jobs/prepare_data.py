@@ -10,8 +10,9 @@ import argparse
 
 from phi1_ray.cli import run_main
 from phi1_ray.config import PrepareDataConfig, apply_overrides, build, read_yaml, to_yaml
-from phi1_ray.data.ray_pipeline import init_ray, prepare
+from phi1_ray.data.ray_pipeline import prepare
 from phi1_ray.data.read import source_for_path
+from phi1_ray.runtime import init_ray
 
 
 def main() -> None:

@@ -335,7 +335,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     need = max(job.train.num_workers for job in jobs.values()) + 2  # trainer workers + data tasks
 
     def start_ray() -> None:
-        from phi1_ray.data.ray_pipeline import init_ray
+        from phi1_ray.runtime import init_ray
 
         init_ray(cfg.ray, min_cpus=need)
 

@@ -23,7 +23,7 @@ import ray
 from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
-from phi1_ray.config import DataConfig, RayConfig
+from phi1_ray.config import DataConfig
 from phi1_ray.data.pack import (
     DocumentTokenizer,
     Packer,
@@ -35,25 +35,6 @@ from phi1_ray.data.pack import (
 from phi1_ray.data.read import FileEntry, ReadReport, copies, filesystem_of, list_files, read_file, split_of
 from phi1_ray.errors import DataError, Phi1Error
 from phi1_ray.tokenizer import load_tokenizer
-
-
-def init_ray(cfg: RayConfig, min_cpus: int = 0) -> None:
-    """Join the cluster this job was submitted to (or ``cfg.address``), else start a local instance.
-
-    A local instance gets at least ``min_cpus`` logical CPUs: trainer workers hold one each, and the data
-    pipeline's read tasks need CPUs beside them (on a 2-core laptop they share the cores).
-    """
-    import os
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
-    if cfg.address:
-        kwargs["address"] = cfg.address
-    elif not os.environ.get("RAY_ADDRESS"):
-        kwargs["address"] = "local"  # a new instance, even where `ray start` left one running
-        kwargs["num_cpus"] = cfg.num_cpus if cfg.num_cpus is not None else max(os.cpu_count() or 1, min_cpus)
-    ray.init(**kwargs)
 
 
 @ray.remote(num_cpus=0)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from phi1_ray.config import load_config, to_yaml
-from phi1_ray.data.ray_pipeline import init_ray
+from phi1_ray.runtime import init_ray
 
 
 def parse(cls: type, description: str, argv: Sequence[str] | None = None, fixed: Sequence[str] = ()) -> Any:

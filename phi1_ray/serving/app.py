@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from phi1_ray.errors import ConfigError
+from phi1_ray.runtime import gpus_per_replica
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = ROOT / "runs" / "demo" / "export"  # what `make demo` exports
@@ -94,25 +95,8 @@ def resolve_checkpoint(value: str | None) -> str:
     )
 
 
-def resolve_gpus(value: float | str) -> float:
-    """``auto``: one GPU per replica when the connected Ray cluster has GPUs (outside Ray: when this machine has
-    a CUDA device), else none."""
-    if value != "auto":
-        return float(value)
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    except ImportError:
-        pass
-    import torch
-
-    return 1.0 if torch.cuda.is_available() else 0.0
-
-
 def deployment_options(args: AppArgs, env: dict[str, str] | None = None) -> dict[str, Any]:
-    actor: dict[str, Any] = {"num_cpus": args.num_cpus, "num_gpus": resolve_gpus(args.num_gpus)}
+    actor: dict[str, Any] = {"num_cpus": args.num_cpus, "num_gpus": gpus_per_replica(args.num_gpus)}
     if env:
         actor["runtime_env"] = {"env_vars": env}
     options: dict[str, Any] = {

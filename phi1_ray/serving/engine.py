@@ -204,9 +204,9 @@ class InferenceEngine:
     ) -> InferenceEngine:
         """Load a phi1_ray checkpoint, training run directory or Hugging Face directory / hub id."""
         from phi1_ray.checkpoint import load_model
+        from phi1_ray.runtime import default_device
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device(device)
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         if dtype == "auto":
             dtype = "fp16" if device.startswith("cuda") else "fp32"

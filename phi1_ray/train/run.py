@@ -136,7 +136,6 @@ def _mlflow_start(
 ) -> tuple[str | None, str | None]:
     """(tracking URI, run id) of the run's MLflow run, resumed if this run directory had one; (None, None) with
     a warning when the tracking server cannot be reached."""
-    import os
 
     import mlflow
 
@@ -185,7 +184,8 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from phi1_ray.data.ray_pipeline import ingest_config, init_ray, prepare, prepared_dataset, read_manifest
+    from phi1_ray.data.ray_pipeline import ingest_config, prepare, prepared_dataset, read_manifest
+    from phi1_ray.runtime import gpus_for_training, init_ray
     from phi1_ray.train.worker import train_loop_per_worker
 
     job = check(job)
@@ -200,8 +200,7 @@ def run_training(
     worker_cpus = (job.train.resources_per_worker or {}).get("CPU", 1)
     init_ray(job.ray, min_cpus=int(math.ceil(job.train.num_workers * worker_cpus)) + 2)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the workers print one progress line
-    local = not (job.ray.address or os.environ.get("RAY_ADDRESS"))
-    has_gpu = job.train.use_gpu and (ray.cluster_resources().get("GPU", 0) > 0 or not local)
+    has_gpu = gpus_for_training(job.train.use_gpu, job.ray)
     if job.train.use_gpu and not has_gpu:  # a cluster may still add GPU nodes; this machine will not
         raise ConfigError(
             "train.use_gpu is true but this machine has no GPUs; set train.use_gpu=false to train on CPUs"

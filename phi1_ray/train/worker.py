@@ -24,6 +24,7 @@ import torch
 
 from phi1_ray.config import TrainJobConfig
 from phi1_ray.model import Phi1ForCausalLM
+from phi1_ray.runtime import device_name
 from phi1_ray.train.checkpoints import DS_TAG, write_train_manifest
 from phi1_ray.train.engine import build_engine
 from phi1_ray.train.loop import BatchStream, NonFiniteGuard, NonFiniteLossError, Throughput, evaluate, optimizer_step
@@ -164,8 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else []
     )
 
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and train_cfg.use_gpu else "cpu"
-    peak = peak_tflops(device_name, train_cfg.peak_tflops)
+    peak = peak_tflops(device_name(train_cfg.use_gpu), train_cfg.peak_tflops)
     fpt = flops_per_token(job.model, job.data.seq_len)
     guard = NonFiniteGuard(train_cfg.max_nonfinite_steps)
     meter = Throughput(start_step=step)

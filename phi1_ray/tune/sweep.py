@@ -190,7 +190,7 @@ def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from phi1_ray.data.ray_pipeline import init_ray
+    from phi1_ray.runtime import init_ray
     from phi1_ray.tracking import tracking_uri
     from phi1_ray.train.run import check
     from phi1_ray.tune.scheduler_state import SchedulerState, restore_scheduler
