@@ -700,6 +700,14 @@ def set_dotted(data: dict[str, Any], key: str | list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set each dotted ``key=value`` in a nested dict (a copy), creating sections as needed."""
     out = json.loads(json.dumps(data))

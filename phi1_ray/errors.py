@@ -19,3 +19,7 @@ class GenerationError(Phi1Error, ValueError):
 
 class DataError(Phi1Error):
     """A corpus source is missing, or (in strict mode) a line of it is bad."""
+
+
+class StorageError(Phi1Error):
+    """A path or URI cannot be listed, read or written (unknown scheme, missing files, no access)."""

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from phi1_ray import storage
 from phi1_ray.errors import CheckpointError, ConfigError
 
 EOS = "<|endoftext|>"
@@ -22,10 +23,7 @@ def load_tokenizer(path_or_id: str | Path) -> Any:
     copied once to the local cache) or a hub id (online)."""
     from transformers import AutoTokenizer
 
-    if "://" in str(path_or_id):
-        from phi1_ray.checkpoint import localize
-
-        path_or_id = localize(path_or_id)
+    path_or_id = storage.localize(path_or_id)
     path = Path(path_or_id).expanduser()
     if path.exists() and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{path} holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")

@@ -138,8 +138,9 @@ def test_stage_settings_errors_name_the_problem(tmp_path):
 def test_checkpoints_on_object_storage_are_loaded_through_a_local_copy(tmp_path, monkeypatch, tokenizer):
     """A URI checkpoint (here ``file://``, the same pyarrow path as ``s3://`` / ``gs://``) is copied once per content
     into the cache; the serving app accepts one as is."""
-    from phi1_ray.checkpoint import load_model, localize, save_checkpoint
+    from phi1_ray.checkpoint import load_model, save_checkpoint
     from phi1_ray.serving.app import resolve_checkpoint
+    from phi1_ray.storage import localize
     from phi1_ray.tokenizer import load_tokenizer
     from tests.conftest import random_model
 

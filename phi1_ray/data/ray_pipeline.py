@@ -23,6 +23,7 @@ import ray
 from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
+from phi1_ray import storage
 from phi1_ray.config import DataConfig
 from phi1_ray.data.pack import (
     DocumentTokenizer,
@@ -32,7 +33,7 @@ from phi1_ray.data.pack import (
     table_to_blocks,
     tokenizer_fingerprint,
 )
-from phi1_ray.data.read import FileEntry, ReadReport, copies, filesystem_of, list_files, read_file, split_of
+from phi1_ray.data.read import FileEntry, ReadReport, copies, list_files, read_file, split_of
 from phi1_ray.errors import DataError, Phi1Error
 from phi1_ray.tokenizer import load_tokenizer
 
@@ -275,83 +276,66 @@ def _data_error(exc: BaseException) -> Phi1Error | None:
     return None
 
 
-def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any]:
-    """Tokenize and pack the corpus once into ``out``: Parquet shards per split, ``quarantine.jsonl`` and
-    ``manifest.json`` (written last: a directory with a manifest is complete)."""
+def _write_split(
+    cfg: DataConfig, split: str, filesystem: Any, root: str, stats: Any, tokenizer: Any, log: Any
+) -> list[dict[str, Any]]:
+    """One split's blocks written through a staging directory, then moved into place as numbered shards."""
     import pyarrow.parquet as pq
     from pyarrow import fs as pafs
 
-    out = str(out)
-    filesystem, root = filesystem_of(out)
-    manifest_path = f"{root}/manifest.json"
-    if filesystem.get_file_info(manifest_path).type == pafs.FileType.File:
-        log(f"data: {out}/manifest.json exists, skipped")
-        with filesystem.open_input_stream(manifest_path) as f:
-            return json.loads(f.read())
-    if not cfg.tokenizer:
-        raise DataError("data.tokenizer is not set: name a tokenizer directory or hub id")
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    list_files(cfg.sources)  # a missing source fails here, before anything is written
-    filesystem.create_dir(root, recursive=True)
+    staging = f"{root}/.staging-{split}"
+    filesystem.delete_dir_contents(staging, missing_dir_ok=True)
+    ds = blocks_dataset(cfg, split, stats, count_reads=split == "train", tokenizer=tokenizer)
+    try:
+        ds.write_parquet(
+            staging,
+            filename_provider=_TaskNames(),
+            max_rows_per_file=cfg.rows_per_shard,
+            mode=SaveMode.OVERWRITE,  # the staging directory is ours alone
+        )
+    except Exception as exc:
+        inner = _data_error(exc)
+        if inner is not None:
+            raise type(inner)(str(inner)) from None
+        raise
+    listing = filesystem.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
+    staged = sorted((i for i in listing if i.path.endswith(".parquet")), key=lambda i: _shard_order(i.base_name))
+    shards = []
+    for n, info in enumerate(staged):
+        name = f"{split}-{n:06}.parquet"
+        filesystem.move(info.path, f"{root}/{name}")
+        with filesystem.open_input_file(f"{root}/{name}") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        shards.append({"file": name, "blocks": rows})
+    if filesystem.get_file_info(staging).type == pafs.FileType.Directory:
+        filesystem.delete_dir(staging)
+    if not staged:
+        log(f"data: the {split} split holds no complete block of {cfg.seq_len + 1} tokens")
+    return shards
 
-    start = time.perf_counter()
-    stats = DataStats.remote(cfg.quarantine_keep)
-    splits = ["train", "val"] if cfg.val_fraction > 0 else ["train"]
-    shards: dict[str, list[dict[str, Any]]] = {}
-    for split in splits:
-        staging = f"{root}/.staging-{split}"
-        filesystem.delete_dir_contents(staging, missing_dir_ok=True)
-        ds = blocks_dataset(cfg, split, stats, count_reads=split == "train", tokenizer=tokenizer)
-        try:
-            ds.write_parquet(
-                staging,
-                filename_provider=_TaskNames(),
-                max_rows_per_file=cfg.rows_per_shard,
-                mode=SaveMode.OVERWRITE,  # the staging directory is ours alone
-            )
-        except Exception as exc:
-            inner = _data_error(exc)
-            if inner is not None:
-                raise type(inner)(str(inner)) from None
-            raise
-        listing = filesystem.get_file_info(pafs.FileSelector(staging, allow_not_found=True))
-        staged = [i for i in listing if i.path.endswith(".parquet")]
-        staged.sort(key=lambda i: _shard_order(i.base_name))
-        shards[split] = []
-        for n, info in enumerate(staged):
-            name = f"{split}-{n:06}.parquet"
-            filesystem.move(info.path, f"{root}/{name}")
-            with filesystem.open_input_file(f"{root}/{name}") as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-            shards[split].append({"file": name, "blocks": rows})
-        if filesystem.get_file_info(staging).type == pafs.FileType.Directory:
-            filesystem.delete_dir(staging)
-        if not staged:
-            log(f"data: the {split} split holds no complete block of {cfg.seq_len + 1} tokens")
-    seconds = time.perf_counter() - start
 
-    counts, quarantine = ray.get(stats.snapshot.remote())
-    quarantine.sort(key=lambda q: (q["path"], q["line"]))
-    with filesystem.open_output_stream(f"{root}/quarantine.jsonl") as f:
-        f.write("".join(json.dumps(q) + "\n" for q in quarantine).encode())
-
-    block_len = cfg.seq_len + 1
+def _split_counts(cfg: DataConfig, counts: dict[str, int], shards: dict[str, list]) -> dict[str, dict[str, Any]]:
+    """Documents, tokens and blocks per split, checked against what the shards hold."""
     per_split = {}
-    for split in splits:
+    for split, files in shards.items():
         tokens, blocks = counts.get(f"tokens_{split}", 0), counts.get(f"blocks_{split}", 0)
-        if blocks != sum(s["blocks"] for s in shards[split]):
-            raise DataError(
-                f"{split}: packed {blocks} blocks but the shards hold {sum(s['blocks'] for s in shards[split])}"
-            )
+        if blocks != sum(s["blocks"] for s in files):
+            raise DataError(f"{split}: packed {blocks} blocks but the shards hold {sum(s['blocks'] for s in files)}")
         per_split[split] = {
             "documents": counts.get(f"documents_{split}", 0),
             "tokens": tokens,
             "blocks": blocks,
-            "dropped_tokens": tokens - blocks * block_len,
-            "shards": shards[split],
+            "dropped_tokens": tokens - blocks * (cfg.seq_len + 1),
+            "shards": files,
         }
+    return per_split
+
+
+def _manifest(
+    cfg: DataConfig, counts: dict[str, int], per_split: dict[str, Any], tokenizer: Any, seconds: float
+) -> dict[str, Any]:
     total = lambda key: sum(s[key] for s in per_split.values())  # noqa: E731
-    manifest = {
+    return {
         "format": "phi1_ray.packed",
         "version": 1,
         "documents": total("documents"),
@@ -362,7 +346,7 @@ def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any
         "empty_documents": counts.get("empty", 0),
         "invalid_utf8_replaced": counts.get("invalid_utf8_replaced", 0),
         "seq_len": cfg.seq_len,
-        "block_len": block_len,
+        "block_len": cfg.seq_len + 1,
         "dtype": DocumentTokenizer.from_hf(tokenizer).dtype.name,
         "splits": per_split,
         "tokenizer": {
@@ -376,25 +360,51 @@ def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any
         "seconds": round(seconds, 2),
         "tokens_per_s": round(total("tokens") / seconds) if seconds else None,
     }
-    with filesystem.open_output_stream(manifest_path) as f:
-        f.write((json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def prepare(cfg: DataConfig, out: str | Path, log: Any = print) -> dict[str, Any]:
+    """Tokenize and pack the corpus once into ``out``: Parquet shards per split, ``quarantine.jsonl`` and
+    ``manifest.json`` (written last: a directory with a manifest is complete)."""
+    out = str(out)
+    manifest_path = storage.join(out, "manifest.json")
+    existing = storage.read_json(manifest_path)
+    if existing is not None:
+        log(f"data: {manifest_path} exists, skipped")
+        return existing
+    if not cfg.tokenizer:
+        raise DataError("data.tokenizer is not set: name a tokenizer directory or hub id")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    list_files(cfg.sources)  # a missing source fails here, before anything is written
+    filesystem, root = storage.filesystem_of(out)
+    filesystem.create_dir(root, recursive=True)
+
+    start = time.perf_counter()
+    stats = DataStats.remote(cfg.quarantine_keep)
+    splits = ["train", "val"] if cfg.val_fraction > 0 else ["train"]
+    shards = {split: _write_split(cfg, split, filesystem, root, stats, tokenizer, log) for split in splits}
+    seconds = time.perf_counter() - start
+
+    counts, quarantine = ray.get(stats.snapshot.remote())
+    quarantine.sort(key=lambda q: (q["path"], q["line"]))
+    with filesystem.open_output_stream(f"{root}/quarantine.jsonl") as f:
+        f.write("".join(json.dumps(q) + "\n" for q in quarantine).encode())
+    manifest = _manifest(cfg, counts, _split_counts(cfg, counts, shards), tokenizer, seconds)
+    storage.write_json(manifest_path, manifest)
     log(
         f"data: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens, {manifest['blocks']:,} blocks of "
-        f"{block_len}, {manifest['dropped_tokens']:,} tokens dropped (stream tails), {manifest['quarantined']:,} "
-        f"quarantined, {manifest['empty_documents']:,} empty; {manifest['tokens_per_s'] or 0:,} tokens/s -> {out}"
+        f"{manifest['block_len']}, {manifest['dropped_tokens']:,} tokens dropped (stream tails), "
+        f"{manifest['quarantined']:,} quarantined, {manifest['empty_documents']:,} empty; "
+        f"{manifest['tokens_per_s'] or 0:,} tokens/s -> {out}"
     )
     return manifest
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
-
-    out = str(out)
-    filesystem, root = filesystem_of(out)
-    try:
-        with filesystem.open_input_stream(f"{root}/manifest.json") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        raise DataError(f"{out} has no manifest.json: not a prepared dataset (run jobs/prepare_data.py)") from None
+    """The manifest of a prepared directory (a DataError when it is not one)."""
+    manifest = storage.read_json(storage.join(out, "manifest.json"))
+    if manifest is None:
+        raise DataError(f"{out} has no manifest.json: not a prepared dataset (run jobs/prepare_data.py)")
+    return manifest
 
 
 def _read_shards(files: list[str]) -> Any:

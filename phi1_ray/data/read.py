@@ -13,12 +13,12 @@ import sysconfig
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from phi1_ray.config import DataConfig, SourceConfig
 from phi1_ray.data.exercises import mine_exercises
 from phi1_ray.errors import DataError
+from phi1_ray.storage import filesystem_of, with_scheme
 
 PREVIEW_CHARS = 200
 
@@ -55,23 +55,6 @@ class ReadReport:
         self.quarantine.append({"path": path, "line": line, "reason": reason, "preview": preview[:PREVIEW_CHARS]})
 
 
-def filesystem_of(path: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path on it) for a local path or a URI (``s3://``, ``gs://``)."""
-    from pyarrow import fs
-
-    if "://" in path:
-        return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
-
-
-def path_exists(path: str) -> bool:
-    """Whether a file or directory exists, locally or on object storage."""
-    from pyarrow import fs
-
-    filesystem, root = filesystem_of(path)
-    return filesystem.get_file_info(root).type != fs.FileType.NotFound
-
-
 def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
@@ -98,14 +81,14 @@ def list_files(sources: list[SourceConfig]) -> list[FileEntry]:
             if info.type == fs.FileType.NotFound:
                 raise DataError(f"source {source.label}: {root} does not exist")
             if info.type == fs.FileType.File:
-                found.append(FileEntry(index, _uri(root, base), info.size or 0))
+                found.append(FileEntry(index, with_scheme(root, base), info.size or 0))
                 continue
             for item in filesystem.get_file_info(fs.FileSelector(base, recursive=True)):
                 if item.type != fs.FileType.File or not item.path.endswith(suffixes):
                     continue
                 if source.type == "stdlib" and "site-packages" in item.path:
                     continue
-                found.append(FileEntry(index, _uri(root, item.path), item.size or 0))
+                found.append(FileEntry(index, with_scheme(root, item.path), item.size or 0))
         found.sort(key=lambda e: e.path)
         if source.max_bytes is not None:
             total, kept = 0, []
@@ -131,13 +114,6 @@ def _datagen_shards(source: SourceConfig) -> list[str]:
             )
         files.extend(shard_files(root, manifest))
     return files
-
-
-def _uri(root: str, path: str) -> str:
-    """Keep the scheme of remote roots (``s3://bucket/key``); local paths stay plain."""
-    if "://" in root and "://" not in path:
-        return f"{root.split('://', 1)[0]}://{path}"
-    return path
 
 
 def _open_bytes(path: str) -> bytes:

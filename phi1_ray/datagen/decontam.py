@@ -265,8 +265,8 @@ def run_decontamination(
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from phi1_ray.data.read import filesystem_of
     from phi1_ray.datagen.output import finished, inherited, read_datagen_manifest, write_dataset, write_manifest
+    from phi1_ray.storage import filesystem_of
 
     done = finished(out, log)
     if done is not None:

@@ -97,9 +97,9 @@ def run_dedup(inputs: list[str], out: str, cfg: DedupConfig, log: Any = print) -
     """Deduplicate ``inputs`` together; returns {input name: manifest} (+ the report path)."""
     import ray.data
 
-    from phi1_ray.data.read import filesystem_of
     from phi1_ray.datagen.decontam import read_records
     from phi1_ray.datagen.output import finished, inherited, read_datagen_manifest, write_dataset, write_manifest
+    from phi1_ray.storage import filesystem_of
 
     names: list[str] = []
     for path in inputs:

@@ -18,8 +18,7 @@ from phi1_ray.errors import CheckpointError
 
 
 def _is_phi(path: Path) -> bool:
-    from phi1_ray.checkpoint import MANIFEST
-    from phi1_ray.train.checkpoints import RUN_FILE, is_train_checkpoint
+    from phi1_ray.checkpoint import MANIFEST, RUN_FILE, is_train_checkpoint
 
     if (path / MANIFEST).is_file() or is_train_checkpoint(path) or (path / RUN_FILE).is_file():
         return True

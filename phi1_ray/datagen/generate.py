@@ -14,8 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from phi1_ray import storage
 from phi1_ray.config import DataConfig, SourceConfig
-from phi1_ray.data.read import FileEntry, ReadReport, filesystem_of, list_files, read_file
+from phi1_ray.data.read import FileEntry, ReadReport, list_files, read_file
 from phi1_ray.datagen.config import GenerateConfig, TeacherConfig
 from phi1_ray.datagen.output import finished, usage_totals, write_dataset, write_manifest
 from phi1_ray.datagen.prompts import (
@@ -30,7 +31,7 @@ from phi1_ray.datagen.validate import check_exercise, check_textbook
 
 
 def default_cache_dir(out: str) -> str:
-    return str(Path(out).expanduser().resolve().parent / "teacher_cache") if "://" not in out else ""
+    return "" if storage.is_uri(out) else str(Path(out).expanduser().resolve().parent / "teacher_cache")
 
 
 def _validate_textbooks(table: pa.Table, min_chars: int, max_chars: int, min_blocks: int) -> pa.Table:
@@ -180,7 +181,7 @@ def run_generation(cfg: GenerateConfig, log: Any = print) -> dict[str, Any]:
     )
     log(f"[{cfg.kind}] {len(items):,} teacher items (teacher: {teacher}){mined} -> {cfg.out}")
     written = write_dataset(ds, cfg.out, cfg.rows_per_shard)
-    filesystem, _ = filesystem_of(cfg.out)
+    filesystem, _ = storage.filesystem_of(cfg.out)
     prices = (cfg.teacher.price_per_1k_prompt, cfg.teacher.price_per_1k_completion)
     usage = usage_totals(filesystem, written["usage_files"], prices)
     manifest = write_manifest(

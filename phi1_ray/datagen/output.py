@@ -15,27 +15,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from phi1_ray.data.read import filesystem_of
+from phi1_ray import storage
 from phi1_ray.errors import DataError
+from phi1_ray.storage import filesystem_of
 
 FORMAT = "phi1_ray-datagen"
 MANIFEST = "manifest.json"
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "attempts", "cached")
 
 
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
 def read_datagen_manifest(out: str) -> dict[str, Any] | None:
-    filesystem, root = filesystem_of(out)
-    try:
-        with filesystem.open_input_stream(_join(root, MANIFEST)) as f:
-            manifest = json.loads(f.read())
-    except (FileNotFoundError, OSError):
+    manifest = storage.read_json(storage.join(out, MANIFEST))
+    if manifest is None:
         return None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{_join(out, MANIFEST)} is not a phi1_ray data-generation manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{storage.join(out, MANIFEST)} is not a phi1_ray data-generation manifest")
     return manifest
 
 
@@ -48,7 +42,7 @@ def finished(out: str, log: Any = print) -> dict[str, Any] | None:
     filesystem, root = filesystem_of(out)
     for sub in ("data", "rejected", "_staging"):
         try:
-            filesystem.delete_dir(_join(root, sub))
+            filesystem.delete_dir(storage.join(root, sub))
         except (FileNotFoundError, OSError):
             pass
     return None
@@ -58,7 +52,7 @@ def shard_files(out: str, manifest: dict[str, Any] | None = None) -> list[str]:
     manifest = manifest or read_datagen_manifest(out)
     if manifest is None:
         raise DataError(f"{out} has no {MANIFEST}: not a finished data-generation output")
-    return [_join(out, s["file"]) for s in manifest["shards"]]
+    return [storage.join(out, s["file"]) for s in manifest["shards"]]
 
 
 def read_table(out: str, columns: list[str] | None = None) -> pa.Table:
@@ -91,21 +85,21 @@ def write_dataset(ds: Any, out: str, rows_per_shard: int) -> dict[str, Any]:
     """Write ``ds`` (rows with a ``status``: ``ok`` or a rejection reason) in one pass: kept rows to ``data/``,
     rejected ones to ``rejected/<reason>/``. Returns the shards and the counts by reason."""
     filesystem, root = filesystem_of(out)
-    staging = _join(out, "_staging")
+    staging = storage.join(out, "_staging")
     ds.write_parquet(staging, partition_cols=["status"], max_rows_per_file=rows_per_shard)
     _, staging_root = filesystem_of(staging)
     shards, rejected, usage_files = [], {}, []
-    filesystem.create_dir(_join(root, "data"))
+    filesystem.create_dir(storage.join(root, "data"))
     kept = [p for p in _files_under(filesystem, staging_root) if "/status=ok/" in p]
     for i, path in enumerate(kept):
-        target = _join(root, "data", f"part-{i:05d}.parquet")
+        target = storage.join(root, "data", f"part-{i:05d}.parquet")
         filesystem.move(path, target)
         shards.append({"file": f"data/part-{i:05d}.parquet", "rows": _rows(filesystem, target)})
         usage_files.append(target)
     for path in _files_under(filesystem, staging_root):
         reason = path.split("/status=", 1)[1].split("/", 1)[0]
-        target = _join(root, "rejected", reason, path.rsplit("/", 1)[1])
-        filesystem.create_dir(_join(root, "rejected", reason))
+        target = storage.join(root, "rejected", reason, path.rsplit("/", 1)[1])
+        filesystem.create_dir(storage.join(root, "rejected", reason))
         filesystem.move(path, target)
         rejected[reason] = rejected.get(reason, 0) + _rows(filesystem, target)
         usage_files.append(target)
@@ -162,7 +156,6 @@ def inherited(parent: dict[str, Any] | None) -> dict[str, Any]:
 def write_manifest(out: str, kind: str, written: dict[str, Any], stage: dict[str, Any], **extra: Any) -> dict:
     """The manifest (written last). ``stage`` is this job's entry in ``stages``; ``extra`` adds top-level keys
     (``teacher``, ``template_version``, ``seeds``, ``usage``, ``parents``...)."""
-    filesystem, root = filesystem_of(out)
     rows = sum(s["rows"] for s in written["shards"])
     stages = [*extra.pop("previous_stages", []), {**stage, "kept": rows, "rejected": written["rejected"]}]
     manifest = {
@@ -176,6 +169,5 @@ def write_manifest(out: str, kind: str, written: dict[str, Any], stage: dict[str
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }
-    with filesystem.open_output_stream(_join(root, MANIFEST)) as f:
-        f.write(json.dumps(manifest, indent=2).encode())
+    storage.write_atomic(storage.join(out, MANIFEST), json.dumps(manifest, indent=2))
     return manifest

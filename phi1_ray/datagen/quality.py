@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from phi1_ray import storage
 from phi1_ray.config import DataConfig, SourceConfig
 from phi1_ray.data.read import FileEntry, ReadReport, list_files, read_file
 from phi1_ray.datagen.config import EncoderConfig, FilterConfig
@@ -188,7 +189,7 @@ def run_filter(cfg: FilterConfig, log: Any = print) -> dict[str, Any]:
 
     from phi1_ray.datagen.generate import default_cache_dir
     from phi1_ray.datagen.output import finished, write_dataset, write_manifest
-    from phi1_ray.tracking import mlflow_run
+    from phi1_ray.tracking import log_metrics, mlflow_run
 
     done = finished(cfg.out, log)
     if done is not None:
@@ -236,11 +237,9 @@ def run_filter(cfg: FilterConfig, log: Any = print) -> dict[str, Any]:
         seeds={"seed": cfg.seed},
         usage=usage,
     )  # fmt: skip
-    out_dir = Path(cfg.out) if "://" not in cfg.out else Path("runs")
+    out_dir = Path("runs") if storage.is_uri(cfg.out) else Path(cfg.out)
     with mlflow_run(cfg.mlflow, out_dir.parent, "filter_code", cfg):
-        import mlflow
-
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_metrics({"documents": total, "kept": manifest["rows"]})
+        log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_metrics({"documents": total, "kept": manifest["rows"]})
     log(f"[filter] kept {manifest['rows']:,} of {total:,} documents (score >= {cfg.threshold}) -> {cfg.out}")
     return manifest

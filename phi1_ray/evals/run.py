@@ -173,15 +173,16 @@ def evaluate(
 
 
 def _log_mlflow(summary: dict[str, Any], out: Path, run_id: str, tracking_uri: str | None, log: Any) -> None:
-    try:
-        from mlflow.tracking import MlflowClient
+    """pass@k as metrics (MLflow names take no "@") and the result files as artifacts of the run ``run_id``."""
+    from phi1_ray.tracking import TrackedRun, try_log
 
-        client = MlflowClient(tracking_uri=tracking_uri)
-        prefix = f"eval/{summary['benchmark']}/"
-        for key, value in summary.items():
-            if key.startswith("pass@"):
-                client.log_metric(run_id, prefix + key.replace("@", "_at_"), float(value))  # MLflow names: no "@"
+    run = TrackedRun(tracking_uri, run_id)  # None: MLFLOW_TRACKING_URI
+    where = f"eval/{summary['benchmark']}"
+    metrics = {f"{where}/{k.replace('@', '_at_')}": v for k, v in summary.items() if k.startswith("pass@")}
+
+    def send() -> None:
+        run.log_metrics(metrics)
         for name in ("summary.json", "samples.jsonl"):
-            client.log_artifact(run_id, str(out / name), artifact_path=f"eval/{summary['benchmark']}")
-    except Exception as exc:  # noqa: BLE001 - tracking never loses a computed score
-        log(f"warning: could not log the evaluation to MLflow ({exc}); it is in {out}")
+            run.log_artifact(out / name, artifact_path=where)
+
+    try_log(f"the evaluation (it is in {out})", send, log=log)

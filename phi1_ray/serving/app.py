@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from phi1_ray import storage
 from phi1_ray.errors import ConfigError
 from phi1_ray.runtime import gpus_per_replica
 
@@ -81,8 +82,8 @@ def resolve_checkpoint(value: str | None) -> str:
     """An absolute checkpoint path (or a hub id); ConfigError saying how to get or name one when there is none."""
     source = "checkpoint=" if value else f"${CHECKPOINT_ENV}" if os.environ.get(CHECKPOINT_ENV) else "the default"
     chosen = value or os.environ.get(CHECKPOINT_ENV) or str(DEFAULT_CHECKPOINT)
-    if "://" in chosen:
-        return chosen  # object storage: each replica copies it once (phi1_ray.checkpoint.localize)
+    if storage.is_uri(chosen):
+        return chosen  # object storage: each replica copies it once (phi1_ray.storage.localize)
     path = Path(chosen).expanduser()
     if path.exists():
         return str(path.resolve())

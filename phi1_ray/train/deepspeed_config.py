@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from phi1_ray.config import OptimConfig, TrainConfig
+from phi1_ray.config import OptimConfig, TrainConfig, merge
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, precision: str) -> dict[str, Any]:
@@ -41,11 +41,3 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, precision: str) -> 
         "wall_clock_breakdown": False,
     }
     return merge(config, train.deepspeed)
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``extra`` over ``base``, nested dicts merged key by key."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

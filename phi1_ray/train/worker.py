@@ -14,7 +14,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -22,10 +21,11 @@ from typing import Any
 
 import torch
 
+from phi1_ray.checkpoint import DS_TAG, write_train_manifest
 from phi1_ray.config import TrainJobConfig
 from phi1_ray.model import Phi1ForCausalLM
 from phi1_ray.runtime import device_name
-from phi1_ray.train.checkpoints import DS_TAG, write_train_manifest
+from phi1_ray.tracking import tracked, try_log
 from phi1_ray.train.engine import build_engine
 from phi1_ray.train.loop import BatchStream, NonFiniteGuard, NonFiniteLossError, Throughput, evaluate, optimizer_step
 from phi1_ray.train.metrics import flops_per_token, mfu, peak_tflops, progress_line
@@ -46,31 +46,18 @@ class MetricsSink:
         self.path = Path(jsonl) if jsonl else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.run_id = run_id
-        self.client = None
-        if run_id and tracking_uri:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
+        self.run = tracked(tracking_uri, run_id)
 
     def log(self, step: int, metrics: dict[str, float | None]) -> None:
         values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         if self.path:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        if self.client is None:
+        if self.run is None:
             return
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        try:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
-        except Exception as exc:  # an unreachable tracking server must not stop training
-            warnings.warn(
-                f"MLflow logging failed ({type(exc).__name__}: {exc}); metrics continue in {self.path} only",
-                stacklevel=2,
-            )
-            self.client = None
+        # an unreachable tracking server must not stop training: one warning, then the JSONL file alone
+        if not try_log(f"step {step}'s metrics; they continue in {self.path} only", self.run.log_metrics, values, step):
+            self.run = None
 
 
 def _batches(shard: Any, micro_batch: int, drop_last: bool) -> Callable[[int], Iterable[dict[str, torch.Tensor]]]:
@@ -125,6 +112,75 @@ def _save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _resume(engine: Any, rank: int) -> tuple[int, dict[str, int], float]:
+    """(step, data position, best validation loss) from Ray Train's checkpoint, or a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, {"epoch": 0, "batch": 0}, math.inf
+    with checkpoint.as_directory() as directory:
+        _, client = engine.load_checkpoint(directory, tag=DS_TAG)
+    step, position = client["step"], client["data"]
+    if rank == 0:
+        say(f"resumed from the checkpoint of step {step} (epoch {position['epoch']}, batch {position['batch']})")
+    return step, position, client.get("best_val", math.inf)
+
+
+def _rank0_outputs(config: dict[str, Any], rank: int) -> tuple[MetricsSink | None, Any]:
+    """Rank 0's metric sink and the tokenizer it saves with each checkpoint; (None, None) on other ranks."""
+    if rank != 0:
+        return None, None
+    sink = MetricsSink(config.get("metrics_file"), config.get("tracking_uri"), config.get("mlflow_run_id"))
+    tokenizer = None
+    if config.get("tokenizer"):
+        from phi1_ray.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config["tokenizer"])
+    return sink, tokenizer
+
+
+def _val_batches(config: dict[str, Any], job: TrainJobConfig) -> list[Any]:
+    """The first ``eval_batches`` micro-batches of this worker's validation shard, kept for every evaluation."""
+    import ray.train
+
+    if not config.get("has_val"):
+        return []
+    shard = ray.train.get_dataset_shard("val")
+    return list(islice(_batches(shard, job.train.micro_batch, False)(0), job.train.eval_batches))
+
+
+class _Progress:
+    """Rank 0's view of the run: logs a step's metrics and progress line every ``log_every`` steps."""
+
+    def __init__(self, job: TrainJobConfig, sink: MetricsSink | None, step: int, world: int) -> None:
+        self.job, self.sink, self.world = job, sink, world
+        self.peak = peak_tflops(device_name(job.train.use_gpu), job.train.peak_tflops)
+        self.fpt = flops_per_token(job.model, job.data.seq_len)
+        self.meter = Throughput(start_step=step)
+        self.tokens_seen = step * job.train.effective_batch * job.data.seq_len
+
+    def step(self, step: int, out: Any, skipped: int) -> None:
+        self.tokens_seen += out.tokens
+        self.meter.add(out.tokens)
+        max_steps = self.job.optim.max_steps
+        if not (step % self.job.train.log_every == 0 or step == max_steps or step == self.meter.start_step + 1):
+            return
+        rate, eta_s = self.meter.interval(step, max_steps)
+        util = mfu(rate, self.fpt, self.peak, self.world)
+        if self.sink is not None:
+            values = {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "loss_scale": out.loss_scale,
+                      "skipped_steps": skipped, "tokens_seen": self.tokens_seen, "tokens_per_s": rate,
+                      "mfu": util}  # fmt: skip
+            self.sink.log(step, values)
+            say(progress_line(step, max_steps, out.loss, out.lr, rate, util, eta_s))
+
+    def validation(self, step: int, loss: float | None) -> None:
+        if loss is not None and self.sink is not None:
+            self.sink.log(step, {"val_loss": loss})
+            say(f"step {step}/{self.job.optim.max_steps} | val_loss {loss:.4f}")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
@@ -135,83 +191,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_cfg, optim = job.train, job.optim
 
     engine = build_engine(_initial_model(job, config.get("init_state")), train_cfg, optim, precision)
-    step, position, best_val = 0, {"epoch": 0, "batch": 0}, math.inf
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            _, client = engine.load_checkpoint(directory, tag=DS_TAG)
-        step, position, best_val = client["step"], client["data"], client.get("best_val", math.inf)
-        if rank == 0:
-            say(f"resumed from the checkpoint of step {step} (epoch {position['epoch']}, batch {position['batch']})")
-
-    sink = (
-        MetricsSink(config.get("metrics_file"), config.get("tracking_uri"), config.get("mlflow_run_id"))
-        if rank == 0
-        else None
-    )
-    tokenizer = None
-    if rank == 0 and config.get("tokenizer"):
-        from phi1_ray.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(config["tokenizer"])
+    step, position, best_val = _resume(engine, rank)
+    sink, tokenizer = _rank0_outputs(config, rank)
     if sink is not None:
         sink.log(step, {"resumed_from_step": step})
-
     stream = BatchStream(_batches(ray.train.get_dataset_shard("train"), train_cfg.micro_batch, True), **position)
-    val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    val_batches = (
-        list(islice(_batches(val_shard, train_cfg.micro_batch, False)(0), train_cfg.eval_batches))
-        if val_shard is not None
-        else []
-    )
-
-    peak = peak_tflops(device_name(train_cfg.use_gpu), train_cfg.peak_tflops)
-    fpt = flops_per_token(job.model, job.data.seq_len)
+    val_batches = _val_batches(config, job)
+    progress = _Progress(job, sink, step, world)
     guard = NonFiniteGuard(train_cfg.max_nonfinite_steps)
-    meter = Throughput(start_step=step)
     batches = iter(stream)
-    tokens_seen = step * train_cfg.effective_batch * job.data.seq_len
     last_val: float | None = None
     while step < optim.max_steps:
         out = optimizer_step(engine, batches, train_cfg.grad_accum)
         step += 1
-        tokens_seen += out.tokens
-        meter.add(out.tokens)
         try:
             guard.update(out, step)
         except NonFiniteLossError as exc:
             # Not a worker failure (a retry would diverge again): every rank stops here; the driver raises.
             ray.train.report({"step": step, "error": str(exc)})
             return
-        final = step == optim.max_steps
-        if step % train_cfg.log_every == 0 or final or step == meter.start_step + 1:
-            rate, eta_s = meter.interval(step, optim.max_steps)
-            util = mfu(rate, fpt, peak, world)
-            if sink is not None:
-                sink.log(
-                    step,
-                    {
-                        "loss": out.loss,
-                        "lr": out.lr,
-                        "grad_norm": out.grad_norm,
-                        "loss_scale": out.loss_scale,
-                        "skipped_steps": guard.skipped_total,
-                        "tokens_seen": tokens_seen,
-                        "tokens_per_s": rate,
-                        "mfu": util,
-                    },
-                )
-                say(progress_line(step, optim.max_steps, out.loss, out.lr, rate, util, eta_s))
-        save = step % train_cfg.checkpoint_every == 0 or final
+        progress.step(step, out, guard.skipped_total)
+        save = step % train_cfg.checkpoint_every == 0 or step == optim.max_steps
         if val_batches and (step % train_cfg.eval_every == 0 or save):
             last_val = evaluate(engine, val_batches)
-            if last_val is not None and sink is not None:
-                sink.log(step, {"val_loss": last_val})
-                say(f"step {step}/{optim.max_steps} | val_loss {last_val:.4f}")
+            progress.validation(step, last_val)
         if save and guard.consecutive == 0:  # a checkpoint is only ever a good state
             if last_val is not None:
                 best_val = min(best_val, last_val)
-            metrics = {"step": step, "loss": out.loss, "tokens_seen": tokens_seen}
+            metrics = {"step": step, "loss": out.loss, "tokens_seen": progress.tokens_seen}
             if last_val is not None:
                 metrics["val_loss"] = last_val
             state = {"step": step, "data": stream.state(), "best_val": best_val, "precision": precision}

@@ -24,6 +24,7 @@ from typing import Any
 
 from phi1_ray.config import SearchDim, TrainJobConfig, TuneJobConfig, build, read_yaml, set_dotted, to_yaml
 from phi1_ray.errors import ConfigError, Phi1Error
+from phi1_ray.tracking import PARENT_TAG, TrackedRun, try_log
 
 DONE_KEY = "trial_finished"
 
@@ -111,7 +112,7 @@ def _trial(config: dict[str, Any]) -> None:
     data.update(run_dir=str(trial_dir), name=trial, export=False)
     data["mlflow"] = dict(sweep["mlflow"])
     job = build(TrainJobConfig, data)
-    tags = {"mlflow.parentRunId": sweep["parent_run_id"], "phi1_ray.trial": trial} if sweep["parent_run_id"] else {}
+    tags = {PARENT_TAG: sweep["parent_run_id"], "phi1_ray.trial": trial} if sweep["parent_run_id"] else {}
     summary = run_training(job, log=print, callbacks=[TuneReportCallback()], mlflow_tags=tags)
     final: dict[str, Any] = {
         DONE_KEY: 1,
@@ -145,28 +146,24 @@ def _trial(config: dict[str, Any]) -> None:
 
 def _parent_run(cfg: TuneJobConfig, run_dir: Path, uri: str) -> str | None:
     """The sweep's MLflow parent run (the same one when a sweep resumes)."""
-    import mlflow
+    from phi1_ray.tracking import start_run
 
-    from phi1_ray.tracking import experiment_id, flatten
+    run = start_run(uri, cfg.mlflow.experiment, run_dir, cfg.name, {"phi1_ray.job": "tune"}, cfg, "no runs logged")
+    return run.run_id if run else None
 
-    state = run_dir / "mlflow_run.json"
-    try:
-        client = mlflow.tracking.MlflowClient(uri)
-        if state.is_file():
-            run_id = json.loads(state.read_text())["run_id"]
-            client.get_run(run_id)
-            return run_id
-        experiment = experiment_id(client, cfg.mlflow.experiment, run_dir, uri)
-        run = client.create_run(experiment, run_name=cfg.name, tags={"phi1_ray.job": "tune"})
-        for key, value in flatten(cfg.model_dump(mode="json")).items():
-            client.log_param(run.info.run_id, key, str(value)[:500])
-    except Exception as exc:  # noqa: BLE001 - the sweep goes on without tracking, as training does
-        import warnings
 
-        warnings.warn(f"MLflow at {uri} is unreachable ({type(exc).__name__}: {exc}); no runs logged", stacklevel=2)
-        return None
-    state.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}) + "\n")
-    return run.info.run_id
+def _log_results(cfg: TuneJobConfig, parent: TrackedRun, best: dict[str, Any], files: list[Any]) -> None:
+    """The best trial's objective and the sweep's files on the parent run."""
+
+    def send() -> None:
+        value = best.get("best_val_loss" if cfg.objective.metric == "val_loss" else "pass@1")
+        if value is not None:
+            parent.log_metric(f"best_{cfg.objective.metric}", float(value))
+        for path in files:
+            if path is not None and Path(path).is_file():
+                parent.log_artifact(path)
+
+    try_log("the sweep's results", send, log=log)
 
 
 def _shared_data(job: TrainJobConfig, run_dir: Path) -> tuple[str, str]:
@@ -185,62 +182,42 @@ def _shared_data(job: TrainJobConfig, run_dir: Path) -> tuple[str, str]:
     return tokenizer, str(data_dir)
 
 
-def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _searcher(cfg: TuneJobConfig) -> Any:
+    """Optuna's TPE when asked (and installed), else Tune's random / grid search, seeded."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from phi1_ray.runtime import init_ray
-    from phi1_ray.tracking import tracking_uri
-    from phi1_ray.train.run import check
+    if cfg.searcher != "optuna":
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise ConfigError("searcher: optuna is not installed (pip install optuna), or use searcher: random") from None
+    metric = "best_val_loss" if cfg.objective.metric == "val_loss" else "pass@1"
+    return OptunaSearch(metric=metric, mode="min" if metric == "best_val_loss" else "max", seed=cfg.seed)
+
+
+def _scheduler(cfg: TuneJobConfig, max_t: int) -> Any:
+    """ASHA on validation loss over a trial's ``max_t`` reports, or FIFO (every trial runs to its end)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler.type != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric="val_loss",
+        mode="min",
+        max_t=max_t,
+        grace_period=min(cfg.scheduler.grace_period, max_t),
+        reduction_factor=cfg.scheduler.reduction_factor,
+    )
+
+
+def _tuner(cfg: TuneJobConfig, run_dir: Path, param_space: dict[str, Any], max_t: int, resume: bool) -> Any:
+    """A new Tuner, or the sweep's saved one restored (its finished trials kept, ASHA's rungs too)."""
+    from ray import tune
+
     from phi1_ray.tune.scheduler_state import SchedulerState, restore_scheduler
 
-    run_dir = Path(cfg.run_dir).resolve()
-    base = base_job(cfg)
-    check_space(cfg, base)
-    probe = check(build(TrainJobConfig, {**base, "run_dir": str(run_dir / "trials" / "probe")}))
-    searcher = None
-    if cfg.searcher == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            raise ConfigError(
-                "searcher: optuna is not installed (pip install optuna), or use searcher: random"
-            ) from None
-        metric = "best_val_loss" if cfg.objective.metric == "val_loss" else "pass@1"
-        searcher = OptunaSearch(metric=metric, mode="min" if metric == "best_val_loss" else "max", seed=cfg.seed)
-    else:
-        searcher = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    per_trial_cpus = probe.train.num_workers * (probe.train.resources_per_worker or {}).get("CPU", 1)
-    init_ray(cfg.ray, min_cpus=int(math.ceil(cfg.max_concurrent_trials * per_trial_cpus)) + 2)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(cfg.mlflow, run_dir)
-    parent = _parent_run(cfg, run_dir, uri)
-    if not any(key.startswith("data.") for key in cfg.space):  # one preparation serves every trial
-        tokenizer, prepared = _shared_data(probe, run_dir)
-        base["prepared"] = prepared
-        base.setdefault("data", {})["tokenizer"] = tokenizer
-
-    max_t = reports_per_trial(probe) + 1  # + the finished trial's own report
-    if cfg.scheduler.type == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            metric="val_loss",
-            mode="min",
-            max_t=max_t,
-            grace_period=min(cfg.scheduler.grace_period, max_t),
-            reduction_factor=cfg.scheduler.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
-    sweep = {
-        "run_dir": str(run_dir),
-        "parent_run_id": parent,
-        "mlflow": {"tracking_uri": uri, "experiment": cfg.mlflow.experiment},
-        "objective": cfg.objective.model_dump(mode="json"),
-    }
-    param_space = {"params": {k: tune_domain(d) for k, d in cfg.space.items()}, "base": base, "sweep": sweep}
     # the trial itself only waits on its TorchTrainer: its workers (and their GPUs) hold the real resources
     trainable = tune.with_resources(_trial, {"CPU": 0.05})
     storage = str(run_dir / "tune")
@@ -252,26 +229,29 @@ def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
             str(experiment), trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
         )
         restore_scheduler(tuner, scheduler_state, log)
-    else:
-        if resume:
-            raise ConfigError(f"--resume: no sweep to resume in {experiment}")
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=cfg.num_samples,
-                max_concurrent_trials=cfg.max_concurrent_trials,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.name, storage_path=storage, verbose=1, callbacks=[SchedulerState(scheduler, scheduler_state)]
-            ),
-        )
-    log(
-        f"{cfg.num_samples} trials of {cfg.base} ({len(cfg.space)} keys searched), {cfg.max_concurrent_trials} at "
-        f"a time, {cfg.scheduler.type} on val_loss over {max_t} reports, objective {cfg.objective.metric} -> {run_dir}"
+        return tuner
+    if resume:
+        raise ConfigError(f"--resume: no sweep to resume in {experiment}")
+    scheduler = _scheduler(cfg, max_t)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(cfg),
+            scheduler=scheduler,
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=storage, verbose=1, callbacks=[SchedulerState(scheduler, scheduler_state)]
+        ),
     )
+
+
+def _fit(tuner: Any, experiment: Path) -> Any:
+    """Run the trials; a SweepInterrupted (resume by running the same command) when some did not end."""
+    from ray import tune
+
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
@@ -284,7 +264,45 @@ def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
         raise SweepInterrupted(
             f"the sweep stopped with {len(unfinished)} trial(s) unfinished; run the same command again to resume it"
         )
-    rows = _rows(grid, cfg)
+    return grid
+
+
+def run_sweep(cfg: TuneJobConfig, resume: bool = False) -> dict[str, Any]:
+    from phi1_ray.runtime import init_ray
+    from phi1_ray.tracking import tracking_uri
+    from phi1_ray.train.run import check
+
+    run_dir = Path(cfg.run_dir).resolve()
+    base = base_job(cfg)
+    check_space(cfg, base)
+    probe = check(build(TrainJobConfig, {**base, "run_dir": str(run_dir / "trials" / "probe")}))
+    _searcher(cfg)  # a missing optional searcher fails before anything starts
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    per_trial_cpus = probe.train.num_workers * (probe.train.resources_per_worker or {}).get("CPU", 1)
+    init_ray(cfg.ray, min_cpus=int(math.ceil(cfg.max_concurrent_trials * per_trial_cpus)) + 2)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(cfg.mlflow, run_dir)
+    parent = _parent_run(cfg, run_dir, uri)
+    if not any(key.startswith("data.") for key in cfg.space):  # one preparation serves every trial
+        tokenizer, prepared = _shared_data(probe, run_dir)
+        base["prepared"] = prepared
+        base.setdefault("data", {})["tokenizer"] = tokenizer
+
+    max_t = reports_per_trial(probe) + 1  # + the finished trial's own report
+    sweep = {
+        "run_dir": str(run_dir),
+        "parent_run_id": parent,
+        "mlflow": {"tracking_uri": uri, "experiment": cfg.mlflow.experiment},
+        "objective": cfg.objective.model_dump(mode="json"),
+    }
+    param_space = {"params": {k: tune_domain(d) for k, d in cfg.space.items()}, "base": base, "sweep": sweep}
+    tuner = _tuner(cfg, run_dir, param_space, max_t, resume)
+    log(
+        f"{cfg.num_samples} trials of {cfg.base} ({len(cfg.space)} keys searched), {cfg.max_concurrent_trials} at "
+        f"a time, {cfg.scheduler.type} on val_loss over {max_t} reports, objective {cfg.objective.metric} -> {run_dir}"
+    )
+    experiment = run_dir / "tune" / cfg.name
+    rows = _rows(_fit(tuner, experiment), cfg)
     if not rows:
         raise Phi1Error(f"no trial of the sweep finished; see {experiment}")
     return _write_results(cfg, run_dir, rows, uri, parent)
@@ -355,18 +373,7 @@ def _write_results(
     hf = export(best["best_checkpoint"], run_dir / "best_hf", uri, parent, log) if best["best_checkpoint"] else None
     plot = _plot(cfg, rows, run_dir / "sweep.png")
     if parent:
-        try:
-            import mlflow
-
-            client = mlflow.tracking.MlflowClient(uri)
-            value = best.get("best_val_loss" if cfg.objective.metric == "val_loss" else "pass@1")
-            if value is not None:
-                client.log_metric(parent, f"best_{cfg.objective.metric}", float(value))
-            for path in (run_dir / "results.csv", run_dir / "best.yaml", plot):
-                if path is not None and Path(path).is_file():
-                    client.log_artifact(parent, str(path))
-        except Exception as exc:  # noqa: BLE001
-            log(f"mlflow: could not log the sweep's results ({type(exc).__name__}: {exc})")
+        _log_results(cfg, TrackedRun(uri, parent), best, [run_dir / "results.csv", run_dir / "best.yaml", plot])
     summary = {
         "run_dir": str(run_dir),
         "trials": len(rows),
