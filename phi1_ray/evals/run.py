@@ -158,7 +158,7 @@ def evaluate(
         **source,
         "sampling": {**asdict(sampling), "stop": list(sampling.stop)} if samples_file is None else None,
         "postprocessing": postprocessing_record(sampling) if samples_file is None else {"name": "none"},
-        "limits": asdict(limits or Limits()),
+        "limits": (limits or Limits()).model_dump(),
         "wall_s": round(time.monotonic() - started, 2),
         "out": str(out),
     }
