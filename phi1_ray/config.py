@@ -255,17 +255,25 @@ class RayConfig(Section):
     """Local instance only: CPUs it may use (default: all)."""
 
 
+DEFAULT_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+"""Where a benchmark completion ends: the function body stops where a new top-level block begins."""
+
+
 class SamplingConfig(Section):
-    """Decoding settings shared by the generate job, evaluation and serving."""
+    """Decoding settings shared by the generate job, evaluation, serving and the data-generation teacher."""
 
     max_new_tokens: int = 128
+    """Tokens generated at most after the prompt."""
     temperature: float = 0.0
     """0 means greedy."""
     top_k: int = 0
     """0 disables top-k."""
     top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability; 1 disables it."""
     seed: int | None = None
+    """Seed of the sampling generator; None: unseeded."""
     stop: list[str] = []
+    """Stop sequences: the text ends before the first one."""
 
     @model_validator(mode="after")
     def _check(self) -> SamplingConfig:
@@ -525,8 +533,10 @@ class StageJobConfig(Section):
     """Merged over the file, key by key (``{optim: {max_steps: 50}}``)."""
 
 
-class EvalStageConfig(Section):
-    """The pipeline's evaluation stage: the finetuned checkpoint on a benchmark, scored in the sandbox."""
+class EvalStageConfig(SamplingConfig):
+    """The pipeline's evaluation stage: the finetuned checkpoint on a benchmark, scored in the sandbox. The sampling
+    keys are :class:`SamplingConfig`'s with evaluation's defaults (``top_p`` 0.95, cut at :data:`DEFAULT_STOP`);
+    ``seed`` None means the pipeline's ``seed``."""
 
     enabled: bool = True
     benchmark: str = "humaneval"
@@ -534,8 +544,9 @@ class EvalStageConfig(Section):
     limit: int | None = None
     """only the first N problems (None: all)"""
     n: int = 1
-    temperature: float = 0.0
-    max_new_tokens: int = 128
+    """samples per problem"""
+    top_p: float = 0.95
+    stop: list[str] = list(DEFAULT_STOP)
     timeout_s: float = 3.0
     actors: int = 1
     """Ray Data actors generating completions (one model replica each)"""
@@ -543,7 +554,7 @@ class EvalStageConfig(Section):
     """one GPU per actor"""
 
     @model_validator(mode="after")
-    def _check(self) -> EvalStageConfig:
+    def _check_stage(self) -> EvalStageConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         for name in ("n", "max_new_tokens", "actors"):

@@ -687,7 +687,8 @@ def stage_evaluate(cfg: PipelineConfig, run_dir: Path, checkpoint: str, run_id: 
     summary: dict[str, Any] = {"generated_tokens": new_tokens, "generate_tokens_per_s": round(new_tokens / seconds, 1)}
     del model
     ev = cfg.evaluation
-    sampling = EvalSampling(n=ev.n, temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
+    settings = ev.model_dump(include=set(EvalSampling.model_fields))  # the stage's sampling keys and n
+    sampling = EvalSampling(**{**settings, "seed": cfg.seed if ev.seed is None else ev.seed})
     scores = evaluate(
         ev.benchmark,
         out,

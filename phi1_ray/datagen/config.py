@@ -7,11 +7,14 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from phi1_ray.config import MlflowConfig, RayConfig, Section, SourceConfig
+from phi1_ray.config import MlflowConfig, RayConfig, SamplingConfig, Section, SourceConfig
 
 
-class TeacherConfig(Section):
-    """An OpenAI-compatible endpoint (OpenAI, vLLM, the project's own Serve app) and how hard to call it."""
+class TeacherConfig(SamplingConfig):
+    """An OpenAI-compatible endpoint (OpenAI, vLLM, the project's own Serve app), how hard to call it, and what each
+    request asks for: :class:`SamplingConfig`'s keys (``max_new_tokens`` is sent as ``max_tokens``, its old name
+    here; ``seed`` and ``stop`` only when set), ``temperature`` at most 2 and no ``top_k`` (the OpenAI API has
+    none)."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "phi1_ray"
@@ -20,9 +23,8 @@ class TeacherConfig(Section):
     models, the project's Serve app)."""
     api_key_env: str | None = "OPENAI_API_KEY"
     """Environment variable holding the key (sent as ``Authorization: Bearer``); unset variable: no key."""
-    max_tokens: int = 1024
+    max_new_tokens: int = 1024
     temperature: float = 1.0
-    top_p: float = 1.0
     concurrency: int = 16
     """Requests in flight across the whole job (split over ``actors``)."""
     actors: int = 1
@@ -42,17 +44,19 @@ class TeacherConfig(Section):
     """Cost accounting in the manifest (currency units per 1,000 prompt tokens)."""
     price_per_1k_completion: float = 0.0
 
+    renamed_keys = {"max_tokens": "max_new_tokens"}
+
     @model_validator(mode="after")
-    def _check(self) -> TeacherConfig:
-        for name in ("max_tokens", "concurrency", "actors"):
+    def _check_teacher(self) -> TeacherConfig:
+        for name in ("max_new_tokens", "concurrency", "actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.concurrency < self.actors:
             raise ValueError(f"concurrency ({self.concurrency}) must be >= actors ({self.actors})")
-        if not 0.0 <= self.temperature <= 2.0:
+        if self.temperature > 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k:
+            raise ValueError(f"top_k must be 0: the OpenAI API has no top_k, got {self.top_k}")
         if self.requests_per_s is not None and self.requests_per_s <= 0:
             raise ValueError(f"requests_per_s must be > 0 or null, got {self.requests_per_s}")
         if self.timeout_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
