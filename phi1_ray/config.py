@@ -505,6 +505,31 @@ class TuneJobConfig(Section):
         return self
 
 
+class GenerateJobConfig(Section):
+    """``jobs/generate.py``: one prompt completed by a checkpoint."""
+
+    checkpoint: str
+    """A phi1_ray checkpoint or training run, a Hugging Face directory or hub id, or an ``s3://`` / ``gs://`` URI."""
+    prompt: str
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id, when the checkpoint has none."""
+    sampling: SamplingConfig = SamplingConfig()
+    stream: bool = False
+    """Print the text as it is decoded."""
+    json_output: bool = False
+    """Print one JSON object, ``{"completion": str, "token_ids": [int, ...]}`` (the new tokens only)."""
+
+
+class ExportJobConfig(Section):
+    """``jobs/export.py``: a checkpoint as a Hugging Face directory (transformers, vLLM; no trust_remote_code)."""
+
+    checkpoint: str
+    """A training run directory (its best, else latest checkpoint), a training checkpoint (its ZeRO shards are
+    consolidated first), a phi1_ray checkpoint, or a Hugging Face directory / hub id."""
+    out: str
+    """The output directory."""
+
+
 class PrepareDataConfig(Section):
     """``jobs/prepare_data.py``: packed Parquet shards + manifest under ``out`` (default ``run_dir/data``)."""
 

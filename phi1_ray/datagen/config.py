@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from phi1_ray.config import MlflowConfig, RayConfig, SamplingConfig, Section, SourceConfig
 
@@ -219,3 +219,70 @@ class DecontamConfig(Section):
         if not -1.0 <= self.embedding_similarity <= 1.0:
             raise ValueError(f"embedding_similarity must be in [-1, 1], got {self.embedding_similarity}")
         return self
+
+
+class DedupJobConfig(Section):
+    """``jobs/dedup.py``: exact and near-duplicate removal across datasets; the first occurrence of a document, in
+    the order of ``inputs``, stays."""
+
+    inputs: list[str]
+    """Data-generation output directories or JSONL / Parquet files, first wins."""
+    out: str
+    """Output directory: each input's survivors in ``out/<name>/``, every removed record in ``out/report.jsonl``."""
+    dedup: DedupConfig = DedupConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> DedupJobConfig:
+        if not self.inputs:
+            raise ValueError("inputs is empty: name at least one dataset")
+        return self
+
+
+BENCHMARKS = ("humaneval", "mbpp")
+
+
+def parse_benchmark(value: str) -> tuple[str, str | None]:
+    """``humaneval``, ``humaneval=FILE`` or ``mbpp=FILE`` -> (name, file or None)."""
+    name, _, path = value.partition("=")
+    if name not in BENCHMARKS:
+        raise ValueError(f"benchmark {value!r}: use humaneval, humaneval=FILE or mbpp=FILE")
+    if name == "mbpp" and not path:
+        raise ValueError("benchmark mbpp needs a file in MBPP's schema: mbpp=FILE (no download)")
+    return name, path or None
+
+
+class DecontamJobConfig(Section):
+    """``jobs/decontaminate.py``: the records of ``input`` that do not match a benchmark problem, to ``out``."""
+
+    input: str
+    """JSONL or Parquet records (``text``, or ``prompt`` + ``completion``) or a data-generation output directory."""
+    out: str
+    """Output directory: the survivors (shards + manifest.json), ``report.jsonl`` (each removed record's index,
+    the matched ``task_id`` and the test)."""
+    benchmarks: list[str] = ["humaneval"]
+    """``humaneval``, ``humaneval=FILE`` or ``mbpp=FILE`` (a file in MBPP's schema; no download)."""
+    decontam: DecontamConfig = DecontamConfig()
+    actors: int = 1
+    """Ray Data actors matching records."""
+    ray: RayConfig = RayConfig()
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _check_benchmarks(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("name at least one benchmark")
+        for value in values:
+            parse_benchmark(value)
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> DecontamJobConfig:
+        if self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        return self
+
+    @property
+    def benchmark_files(self) -> list[tuple[str, str | None]]:
+        """(name, file or None) per benchmark, as :func:`~phi1_ray.datagen.decontam.run_decontamination` takes them."""
+        return [parse_benchmark(value) for value in self.benchmarks]
