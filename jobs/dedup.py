@@ -7,28 +7,26 @@ Each input's survivors go to DIR/<name>/ (Parquet shards + manifest.json, a ``da
 removed record is listed in DIR/report.jsonl with the record it duplicates and the test (exact / near).
 """
 
-import argparse
 import json
 
-from phi1_ray.cli import run_main
-from phi1_ray.config import RayConfig, build
-from phi1_ray.datagen.config import DedupConfig
+from phi1_ray.cli import Flag, config_from_argv, run_main
+from phi1_ray.datagen.config import DedupJobConfig
 from phi1_ray.datagen.dedup import run_dedup
 from phi1_ray.runtime import init_ray
 
+FLAGS = {
+    "--input": Flag("inputs", kind="append", metavar="DIR_OR_FILE"),
+    "--threshold": "dedup.threshold",
+    "--num-perm": "dedup.num_perm",
+    "--shingle": "dedup.shingle",
+}
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", action="append", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--threshold", type=float, default=0.8)
-    parser.add_argument("--num-perm", type=int, default=128)
-    parser.add_argument("--shingle", type=int, default=5)
-    args = parser.parse_args()
-    cfg = build(DedupConfig, {"threshold": args.threshold, "num_perm": args.num_perm, "shingle": args.shingle})
-    init_ray(RayConfig())
-    manifests = run_dedup(args.input, args.out, cfg)
-    print(json.dumps({"out": args.out, "kept": {k: m["rows"] for k, m in manifests.items()}}), flush=True)
+    cfg = config_from_argv(DedupJobConfig, __doc__, flags=FLAGS)
+    init_ray(cfg.ray)
+    manifests = run_dedup(cfg.inputs, cfg.out, cfg.dedup)
+    print(json.dumps({"out": cfg.out, "kept": {k: m["rows"] for k, m in manifests.items()}}), flush=True)
 
 
 if __name__ == "__main__":

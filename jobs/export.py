@@ -6,24 +6,16 @@ shards are consolidated into fp32 weights first.
 The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (no trust_remote_code) and vLLM.
 """
 
-import argparse
-
 from phi1_ray.checkpoint import load_model
-from phi1_ray.cli import run_main
+from phi1_ray.cli import config_from_argv, run_main
+from phi1_ray.config import ExportJobConfig
 from phi1_ray.hf import export_hf
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="training run or checkpoint, phi1_ray checkpoint, or Hugging Face directory / hub id",
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    args = parser.parse_args()
-    model, tokenizer = load_model(args.checkpoint)
-    out = export_hf(model, args.out, tokenizer)
+    cfg = config_from_argv(ExportJobConfig, __doc__, flags={"--checkpoint": "checkpoint"})
+    model, tokenizer = load_model(cfg.checkpoint)
+    out = export_hf(model, cfg.out, tokenizer)
     print(f"exported {model.num_parameters():,} parameters to {out}")
 
 

@@ -9,15 +9,14 @@ Ray Data and the documents above the threshold kept with their score.
 
 import json
 
-from phi1_ray.cli import run_main
-from phi1_ray.datagen.cli import parse
+from phi1_ray.cli import config_from_argv, run_main
 from phi1_ray.datagen.config import FilterConfig
 from phi1_ray.datagen.quality import run_filter
 from phi1_ray.runtime import init_ray
 
 
 def main() -> None:
-    cfg = parse(FilterConfig, __doc__)
+    cfg = config_from_argv(FilterConfig, __doc__)
     init_ray(cfg.ray)
     manifest = run_filter(cfg)
     print(json.dumps({"out": cfg.out, "kept": manifest["rows"], "classifier": manifest["classifier"]}), flush=True)

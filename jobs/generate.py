@@ -1,60 +1,50 @@
 """Complete a prompt: ``python jobs/generate.py --checkpoint PATH --prompt TEXT [--json]``.
 
 PATH is a phi1_ray checkpoint or a Hugging Face directory (or hub id when online). Plain output is the completion
-text; ``--json`` prints ``{"completion": str, "token_ids": [int, ...]}`` with the new tokens only.
+text; ``--json`` prints ``{"completion": str, "token_ids": [int, ...]}`` with the new tokens only. Every flag sets
+a key of the config (listed below; ``sampling.top_k=50`` is ``--top-k 50``); nothing else goes to stdout.
 """
 
-import argparse
 import json
 import sys
 
 from phi1_ray.checkpoint import load_model
-from phi1_ray.cli import run_main
-from phi1_ray.config import SamplingConfig, build
+from phi1_ray.cli import Flag, config_from_argv, run_main
+from phi1_ray.config import GenerateJobConfig
 from phi1_ray.errors import CheckpointError
 from phi1_ray.generate import generate, stream
 from phi1_ray.tokenizer import load_tokenizer
 
+FLAGS = {
+    "--checkpoint": "checkpoint",
+    "--prompt": "prompt",
+    "--max-new-tokens": "sampling.max_new_tokens",
+    "--temperature": "sampling.temperature",
+    "--top-p": "sampling.top_p",
+    "--top-k": "sampling.top_k",
+    "--seed": "sampling.seed",
+    "--stop": Flag("sampling.stop", kind="append", help="stop sequence (repeatable)"),
+    "--tokenizer": "tokenizer",
+    "--stream": Flag("stream", kind="switch"),
+    "--json": Flag("json_output", kind="switch"),
+}
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    parser.add_argument("--tokenizer", help="tokenizer directory or hub id, when the checkpoint has none")
-    parser.add_argument("--stream", action="store_true", help="print text as it is decoded")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    params = build(
-        SamplingConfig,
-        {
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "top_k": args.top_k,
-            "seed": args.seed,
-            "stop": args.stop,
-        },
-        where="generate",
-    )
-    model, tokenizer = load_model(args.checkpoint)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
+    cfg = config_from_argv(GenerateJobConfig, __doc__, flags=FLAGS, echo=False)  # stdout: the completion only
+    model, tokenizer = load_model(cfg.checkpoint)
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer is None:
-        raise CheckpointError(f"{args.checkpoint} holds no tokenizer files; pass --tokenizer DIR_OR_HUB_ID")
-    if args.stream and not args.json:
-        for delta in stream(model, tokenizer, args.prompt, params):
+        raise CheckpointError(f"{cfg.checkpoint} holds no tokenizer files; pass --tokenizer DIR_OR_HUB_ID")
+    if cfg.stream and not cfg.json_output:
+        for delta in stream(model, tokenizer, cfg.prompt, cfg.sampling):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    completion = generate(model, tokenizer, [args.prompt], params)[0]
-    if args.json:
+    completion = generate(model, tokenizer, [cfg.prompt], cfg.sampling)[0]
+    if cfg.json_output:
         print(json.dumps({"completion": completion.text, "token_ids": completion.token_ids}))
     else:
         print(completion.text)

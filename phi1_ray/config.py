@@ -17,11 +17,15 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from phi1_ray.errors import ConfigError
 
@@ -47,9 +51,28 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and the docstring under a
+    field is its description (what a job's ``--help`` lists)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), use_attribute_docstrings=True
+    )
+
+    renamed_keys: ClassVar[dict[str, str]] = {}
+    """Old spellings still read: a key this section once had -> its name now."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_renamed_keys(cls, data: Any) -> Any:
+        if not cls.renamed_keys or not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in cls.renamed_keys.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"{old} is the old name of {new}: give one of them")
+                data[new] = data.pop(old)
+        return data
 
 
 class ModelConfig(Section):
@@ -232,17 +255,25 @@ class RayConfig(Section):
     """Local instance only: CPUs it may use (default: all)."""
 
 
+DEFAULT_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+"""Where a benchmark completion ends: the function body stops where a new top-level block begins."""
+
+
 class SamplingConfig(Section):
-    """Decoding settings shared by the generate job, evaluation and serving."""
+    """Decoding settings shared by the generate job, evaluation, serving and the data-generation teacher."""
 
     max_new_tokens: int = 128
+    """Tokens generated at most after the prompt."""
     temperature: float = 0.0
     """0 means greedy."""
     top_k: int = 0
     """0 disables top-k."""
     top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability; 1 disables it."""
     seed: int | None = None
+    """Seed of the sampling generator; None: unseeded."""
     stop: list[str] = []
+    """Stop sequences: the text ends before the first one."""
 
     @model_validator(mode="after")
     def _check(self) -> SamplingConfig:
@@ -474,6 +505,31 @@ class TuneJobConfig(Section):
         return self
 
 
+class GenerateJobConfig(Section):
+    """``jobs/generate.py``: one prompt completed by a checkpoint."""
+
+    checkpoint: str
+    """A phi1_ray checkpoint or training run, a Hugging Face directory or hub id, or an ``s3://`` / ``gs://`` URI."""
+    prompt: str
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id, when the checkpoint has none."""
+    sampling: SamplingConfig = SamplingConfig()
+    stream: bool = False
+    """Print the text as it is decoded."""
+    json_output: bool = False
+    """Print one JSON object, ``{"completion": str, "token_ids": [int, ...]}`` (the new tokens only)."""
+
+
+class ExportJobConfig(Section):
+    """``jobs/export.py``: a checkpoint as a Hugging Face directory (transformers, vLLM; no trust_remote_code)."""
+
+    checkpoint: str
+    """A training run directory (its best, else latest checkpoint), a training checkpoint (its ZeRO shards are
+    consolidated first), a phi1_ray checkpoint, or a Hugging Face directory / hub id."""
+    out: str
+    """The output directory."""
+
+
 class PrepareDataConfig(Section):
     """``jobs/prepare_data.py``: packed Parquet shards + manifest under ``out`` (default ``run_dir/data``)."""
 
@@ -502,8 +558,10 @@ class StageJobConfig(Section):
     """Merged over the file, key by key (``{optim: {max_steps: 50}}``)."""
 
 
-class EvalStageConfig(Section):
-    """The pipeline's evaluation stage: the finetuned checkpoint on a benchmark, scored in the sandbox."""
+class EvalStageConfig(SamplingConfig):
+    """The pipeline's evaluation stage: the finetuned checkpoint on a benchmark, scored in the sandbox. The sampling
+    keys are :class:`SamplingConfig`'s with evaluation's defaults (``top_p`` 0.95, cut at :data:`DEFAULT_STOP`);
+    ``seed`` None means the pipeline's ``seed``."""
 
     enabled: bool = True
     benchmark: str = "humaneval"
@@ -511,8 +569,9 @@ class EvalStageConfig(Section):
     limit: int | None = None
     """only the first N problems (None: all)"""
     n: int = 1
-    temperature: float = 0.0
-    max_new_tokens: int = 128
+    """samples per problem"""
+    top_p: float = 0.95
+    stop: list[str] = list(DEFAULT_STOP)
     timeout_s: float = 3.0
     actors: int = 1
     """Ray Data actors generating completions (one model replica each)"""
@@ -520,7 +579,7 @@ class EvalStageConfig(Section):
     """one GPU per actor"""
 
     @model_validator(mode="after")
-    def _check(self) -> EvalStageConfig:
+    def _check_stage(self) -> EvalStageConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         for name in ("n", "max_new_tokens", "actors"):
@@ -635,38 +694,121 @@ C = TypeVar("C", bound=BaseModel)
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-def _format_error(err: dict[str, Any], cls: type[BaseModel], where: str) -> str:
+def _format_error(err: dict[str, Any], cls: type[BaseModel], where: str, flags: Mapping[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(([where] if where else []) + loc)
     if err["type"] == "extra_forbidden":
-        valid = sorted(_fields_at(cls, loc[:-1]))
-        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        section = _section_at(cls, loc[:-1])
+        valid = sorted(section.model_fields) if section else []
+        renamed = list(getattr(section, "renamed_keys", {}))
+        close = difflib.get_close_matches(loc[-1], valid + renamed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{key}: unknown key{hint}; valid keys: {', '.join(valid)}"
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and err["type"] != "value_error" and not isinstance(err["input"], dict):
         msg += f" (got {err['input']!r})"
-    return f"{key or '<root>'}: {msg}"
+    return f"{key or '<root>'}{_flags_of(key, msg, flags)}: {msg}"
 
 
-def _fields_at(cls: type[BaseModel], path: list[str]) -> list[str]:
+def _flags_of(key: str, msg: str, flags: Mapping[str, str]) -> str:
+    """`` (--flag)`` for the command-line flags behind ``key``: the flag that sets it or, for a section's own
+    check, the flags of the section's keys its message names."""
+    named = []
+    for dotted, flag in flags.items():
+        section, _, name = dotted.rpartition(".")
+        if dotted == key or (section == key and re.search(rf"\b{re.escape(name)}\b", msg)):
+            named.append(flag)
+    return f" ({', '.join(named)})" if named else ""
+
+
+def _section_at(cls: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
     for part in path:
         field = cls.model_fields.get(part)
         ann = field.annotation if field else None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
+            return None
         cls = ann
-    return list(cls.model_fields)
+    return cls
 
 
-def build(cls: type[C], data: dict[str, Any], where: str = "", source: str | None = None) -> C:
-    """Validate ``data`` as ``cls``; every problem is reported with its dotted key."""
+def build(
+    cls: type[C],
+    data: dict[str, Any],
+    where: str = "",
+    source: str | None = None,
+    flags: Mapping[str, str] | None = None,
+) -> C:
+    """Validate ``data`` as ``cls``; every problem is reported with its dotted key (and, from ``flags``: dotted key
+    -> command-line flag, the flag that set it)."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        lines = [_format_error(e, cls, where) for e in exc.errors()]
+        lines = [_format_error(e, cls, where, flags or {}) for e in exc.errors()]
         origin = f" in {source}" if source else ""
         raise ConfigError(f"invalid config{origin}:\n  " + "\n  ".join(lines)) from None
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One key of a config, as ``--help`` lists it."""
+
+    key: str
+    type: str
+    default: str
+    doc: str
+
+
+def config_keys(cls: type[BaseModel], prefix: str = "") -> Iterator[KeyDoc]:
+    """Every key of ``cls``, sections expanded (``optim.lr``), with its type, default and field docstring."""
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from config_keys(ann, f"{prefix}{name}.")
+            continue
+        default = "required" if field.is_required() else _short(_plain(field.get_default(call_default_factory=True)))
+        yield KeyDoc(prefix + name, _type_name(ann), default, " ".join(field_doc(cls, name).split()))
+
+
+def field_doc(cls: type[BaseModel], name: str) -> str:
+    """A field's docstring; a field redeclared without one (a subclass's new default) keeps its base's."""
+    for base in cls.__mro__:
+        field = getattr(base, "model_fields", {}).get(name)
+        if isinstance(field, FieldInfo) and field.description:
+            return field.description
+    return ""
+
+
+def field_at(cls: type[BaseModel], key: str) -> tuple[type[BaseModel], str] | None:
+    """(the section holding dotted ``key``, the key's last part), or None when ``cls`` has no such key."""
+    *path, name = key.split(".")
+    section = _section_at(cls, path)
+    return (section, name) if section is not None and name in section.model_fields else None
+
+
+def _type_name(ann: Any) -> str:
+    if ann is type(None):
+        return "null"
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

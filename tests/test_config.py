@@ -5,6 +5,7 @@ from phi1_ray.config import (
     ModelConfig,
     PipelineConfig,
     apply_overrides,
+    build,
     load_config,
     parse_override,
     to_yaml,
@@ -96,3 +97,38 @@ def test_job_prints_config_errors_without_traceback(tmp_path):
     )
     assert_user_error(result, "unknown model preset 'phi-2'", "phi-1-small")
     assert not any(tmp_path.iterdir()), "nothing is written before the config is valid"
+
+
+def test_one_sampling_section_for_generation_evaluation_and_the_teacher():
+    from phi1_ray.config import DEFAULT_STOP, EvalStageConfig, SamplingConfig
+    from phi1_ray.datagen.config import TeacherConfig
+    from phi1_ray.evals.generation import EvalSampling
+
+    keys = set(SamplingConfig.model_fields)
+    assert keys == {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"}
+    for cls in (EvalSampling, EvalStageConfig, TeacherConfig):
+        assert issubclass(cls, SamplingConfig) and keys <= set(cls.model_fields)
+        with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\]"):  # SamplingConfig's own check
+            build(cls, {"top_p": 1.5})
+    # each keeps its defaults
+    assert EvalSampling().max_new_tokens == 384 and EvalSampling().stop == list(DEFAULT_STOP)
+    assert EvalSampling(seed=5).for_sample(2) == SamplingConfig(
+        **{**EvalSampling().model_dump(include=keys), "seed": 7}
+    )
+    assert EvalStageConfig().top_p == 0.95 and EvalStageConfig().stop == list(DEFAULT_STOP)
+    teacher = TeacherConfig()
+    assert (teacher.max_new_tokens, teacher.temperature, teacher.top_p) == (1024, 1.0, 1.0)
+
+
+def test_renamed_keys_keep_their_old_spelling():
+    from phi1_ray.datagen.config import GenerateConfig, TeacherConfig
+
+    old = load_config(GenerateConfig, overrides=["teacher.max_tokens=64", "teacher.temperature=0.5"])
+    new = load_config(GenerateConfig, overrides=["teacher.max_new_tokens=64", "teacher.temperature=0.5"])
+    assert old == new and old.teacher.max_new_tokens == 64 and TeacherConfig(max_tokens=8).max_new_tokens == 8
+    with pytest.raises(ConfigError, match="max_tokens is the old name of max_new_tokens: give one of them"):
+        load_config(GenerateConfig, overrides=["teacher.max_tokens=64", "teacher.max_new_tokens=32"])
+    with pytest.raises(ConfigError, match=r"teacher.max_token: unknown key \(did you mean 'max_tokens'\?\)"):
+        load_config(GenerateConfig, overrides=["teacher.max_token=64"])
+    with pytest.raises(ConfigError, match="top_k must be 0: the OpenAI API has no top_k"):
+        load_config(GenerateConfig, overrides=["teacher.top_k=5"])

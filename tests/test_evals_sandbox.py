@@ -186,3 +186,20 @@ def test_standard_library_imports_beyond_the_preloaded_ones(box):
     code = "import queue, fractions, xml.dom.minidom\ndef add(a, b):\n    return int(fractions.Fraction(a) + b)\n"
     result = box.run(Program(code, CHECK, "add"))
     assert result.passed, result
+
+
+def test_the_fork_server_holds_the_standard_library_only():
+    """Every module the fork server holds makes each fork slower: it imports no third-party package (the harness's
+    ``Limits``, a pydantic config section, stays on the harness's side)."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = (
+        f"import sys; sys.path.insert(0, {root!r}); import phi1_ray.evals.sandbox_server; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'yaml', 'numpy', 'torch')))"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert Limits(timeout_s=1).model_dump() == {"timeout_s": 1.0, "memory_mb": 1024, "cpu_s": None, "nproc": 32,
+                                                "fsize_mb": 16, "output_bytes": 4096}  # fmt: skip

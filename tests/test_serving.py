@@ -363,6 +363,18 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def test_app_argument_errors_name_the_valid_keys():
+    from phi1_ray.errors import ConfigError
+    from phi1_ray.serving.app import AppArgs, parse_args
+
+    with pytest.raises(ConfigError) as exc:
+        parse_args({"replicas": "2", "max_batch_size": "0"})
+    message = str(exc.value)
+    assert "replicas: unknown key (did you mean 'num_replicas'?)" in message
+    assert "valid keys: " + ", ".join(sorted(AppArgs.model_fields)) in message
+    assert "max_batch_size: Input should be greater than or equal to 1 (got '0')" in message
+
+
 def test_serve_run_builder_and_config_file_start_and_answer(checkpoint):
     if _port_open(8000):
         pytest.skip("port 8000, which `serve run` uses, is taken on this machine")

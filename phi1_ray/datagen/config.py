@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
-from phi1_ray.config import MlflowConfig, RayConfig, Section, SourceConfig
+from phi1_ray.config import MlflowConfig, RayConfig, SamplingConfig, Section, SourceConfig
 
 
-class TeacherConfig(Section):
-    """An OpenAI-compatible endpoint (OpenAI, vLLM, the project's own Serve app) and how hard to call it."""
+class TeacherConfig(SamplingConfig):
+    """An OpenAI-compatible endpoint (OpenAI, vLLM, the project's own Serve app), how hard to call it, and what each
+    request asks for: :class:`SamplingConfig`'s keys (``max_new_tokens`` is sent as ``max_tokens``, its old name
+    here; ``seed`` and ``stop`` only when set), ``temperature`` at most 2 and no ``top_k`` (the OpenAI API has
+    none)."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "phi1_ray"
@@ -20,9 +23,8 @@ class TeacherConfig(Section):
     models, the project's Serve app)."""
     api_key_env: str | None = "OPENAI_API_KEY"
     """Environment variable holding the key (sent as ``Authorization: Bearer``); unset variable: no key."""
-    max_tokens: int = 1024
+    max_new_tokens: int = 1024
     temperature: float = 1.0
-    top_p: float = 1.0
     concurrency: int = 16
     """Requests in flight across the whole job (split over ``actors``)."""
     actors: int = 1
@@ -42,17 +44,19 @@ class TeacherConfig(Section):
     """Cost accounting in the manifest (currency units per 1,000 prompt tokens)."""
     price_per_1k_completion: float = 0.0
 
+    renamed_keys = {"max_tokens": "max_new_tokens"}
+
     @model_validator(mode="after")
-    def _check(self) -> TeacherConfig:
-        for name in ("max_tokens", "concurrency", "actors"):
+    def _check_teacher(self) -> TeacherConfig:
+        for name in ("max_new_tokens", "concurrency", "actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.concurrency < self.actors:
             raise ValueError(f"concurrency ({self.concurrency}) must be >= actors ({self.actors})")
-        if not 0.0 <= self.temperature <= 2.0:
+        if self.temperature > 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k:
+            raise ValueError(f"top_k must be 0: the OpenAI API has no top_k, got {self.top_k}")
         if self.requests_per_s is not None and self.requests_per_s <= 0:
             raise ValueError(f"requests_per_s must be > 0 or null, got {self.requests_per_s}")
         if self.timeout_s <= 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
@@ -215,3 +219,70 @@ class DecontamConfig(Section):
         if not -1.0 <= self.embedding_similarity <= 1.0:
             raise ValueError(f"embedding_similarity must be in [-1, 1], got {self.embedding_similarity}")
         return self
+
+
+class DedupJobConfig(Section):
+    """``jobs/dedup.py``: exact and near-duplicate removal across datasets; the first occurrence of a document, in
+    the order of ``inputs``, stays."""
+
+    inputs: list[str]
+    """Data-generation output directories or JSONL / Parquet files, first wins."""
+    out: str
+    """Output directory: each input's survivors in ``out/<name>/``, every removed record in ``out/report.jsonl``."""
+    dedup: DedupConfig = DedupConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> DedupJobConfig:
+        if not self.inputs:
+            raise ValueError("inputs is empty: name at least one dataset")
+        return self
+
+
+BENCHMARKS = ("humaneval", "mbpp")
+
+
+def parse_benchmark(value: str) -> tuple[str, str | None]:
+    """``humaneval``, ``humaneval=FILE`` or ``mbpp=FILE`` -> (name, file or None)."""
+    name, _, path = value.partition("=")
+    if name not in BENCHMARKS:
+        raise ValueError(f"benchmark {value!r}: use humaneval, humaneval=FILE or mbpp=FILE")
+    if name == "mbpp" and not path:
+        raise ValueError("benchmark mbpp needs a file in MBPP's schema: mbpp=FILE (no download)")
+    return name, path or None
+
+
+class DecontamJobConfig(Section):
+    """``jobs/decontaminate.py``: the records of ``input`` that do not match a benchmark problem, to ``out``."""
+
+    input: str
+    """JSONL or Parquet records (``text``, or ``prompt`` + ``completion``) or a data-generation output directory."""
+    out: str
+    """Output directory: the survivors (shards + manifest.json), ``report.jsonl`` (each removed record's index,
+    the matched ``task_id`` and the test)."""
+    benchmarks: list[str] = ["humaneval"]
+    """``humaneval``, ``humaneval=FILE`` or ``mbpp=FILE`` (a file in MBPP's schema; no download)."""
+    decontam: DecontamConfig = DecontamConfig()
+    actors: int = 1
+    """Ray Data actors matching records."""
+    ray: RayConfig = RayConfig()
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _check_benchmarks(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("name at least one benchmark")
+        for value in values:
+            parse_benchmark(value)
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> DecontamJobConfig:
+        if self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        return self
+
+    @property
+    def benchmark_files(self) -> list[tuple[str, str | None]]:
+        """(name, file or None) per benchmark, as :func:`~phi1_ray.datagen.decontam.run_decontamination` takes them."""
+        return [parse_benchmark(value) for value in self.benchmarks]

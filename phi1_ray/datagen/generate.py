@@ -26,7 +26,7 @@ from phi1_ray.datagen.prompts import (
     load_topics,
     textbook_items,
 )
-from phi1_ray.datagen.teacher import call_teacher, teacher_blocks
+from phi1_ray.datagen.teacher import call_teacher, request_params, teacher_blocks
 from phi1_ray.datagen.validate import check_exercise, check_textbook
 
 
@@ -122,14 +122,7 @@ _MINED_SCHEMA = pa.schema(
 
 
 def _teacher_info(teacher: TeacherConfig) -> dict[str, Any]:
-    return {
-        "base_url": teacher.base_url,
-        "model": teacher.model,
-        "api": teacher.api,
-        "max_tokens": teacher.max_tokens,
-        "temperature": teacher.temperature,
-        "top_p": teacher.top_p,
-    }
+    return {"base_url": teacher.base_url, "model": teacher.model, "api": teacher.api, **request_params(teacher)}
 
 
 def run_generation(cfg: GenerateConfig, log: Any = print) -> dict[str, Any]:

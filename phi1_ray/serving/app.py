@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from phi1_ray import storage
+from phi1_ray.config import Section, build
 from phi1_ray.errors import ConfigError
 from phi1_ray.runtime import gpus_per_replica
 
@@ -26,10 +27,8 @@ proxy actor: a request that does nothing takes 1-2 ms instead of 5-10 (benchmark
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class AppArgs(BaseModel):
+class AppArgs(Section):
     """Arguments of the serving app (``serve run serve_apps.phi1:app_builder key=value ...``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = None
     """A phi1_ray checkpoint, training run directory, Hugging Face directory or hub id. Default: $PHI1_CHECKPOINT,
@@ -41,6 +40,7 @@ class AppArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    """Autoscaling aims at this many requests in progress per replica."""
     max_ongoing_requests: int = Field(32, ge=1)
     """Requests a replica works on at once (its engine batches them)."""
     max_queued_requests: int = Field(64, ge=-1)
@@ -50,10 +50,13 @@ class AppArgs(BaseModel):
     the same Serve config runs on a laptop and on GPU nodes."""
     num_cpus: float = Field(1.0, ge=0)
     device: str = "auto"
+    """``auto``: the replica's GPU when it has one, else the CPU."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """``auto``: fp16 on GPUs, fp32 on CPUs."""
     max_batch_size: int = Field(16, ge=1)
     """Sequences decoded together per replica (KV-cache slots)."""
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Larger request bodies get 413."""
     api_key_env: str = "PHI1_API_KEY"
     """Environment variable holding the API key; when it is set, /v1/* needs `Authorization: Bearer <key>`."""
 
@@ -67,15 +70,9 @@ class AppArgs(BaseModel):
 
 
 def parse_args(args: dict[str, Any] | None) -> AppArgs:
-    try:
-        return AppArgs(**(args or {}))
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "args"
-            problems.append(f"{key}: {err['msg']}")
-        valid = ", ".join(AppArgs.model_fields)
-        raise ConfigError(f"serving app arguments: {'; '.join(problems)} (valid keys: {valid})") from None
+    """The app's arguments (strings from ``serve run ... key=value`` are read as the fields' types), validated like
+    every config: a bad one raises ConfigError naming the key (an unknown one: the valid keys)."""
+    return build(AppArgs, dict(args or {}), source="the serving app's arguments")
 
 
 def resolve_checkpoint(value: str | None) -> str:
@@ -133,7 +130,7 @@ def _deployment() -> Any:
     @serve.ingress(api)
     class Phi1Completions:
         def __init__(self, args: dict[str, Any]) -> None:
-            settings = AppArgs(**args)
+            settings = parse_args(args)
             engine = InferenceEngine.from_checkpoint(
                 settings.checkpoint,
                 device=settings.device,

@@ -53,7 +53,8 @@ def make(cfg: PipelineConfig, run_dir: Path, checkpoint: str, run_id: str, track
     out.mkdir(parents=True, exist_ok=True)
     summary = _prompts(cfg, checkpoint, out)
     ev = cfg.evaluation
-    sampling = EvalSampling(n=ev.n, temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, seed=cfg.seed)
+    settings = ev.model_dump(include=set(EvalSampling.model_fields))  # the stage's sampling keys and n
+    sampling = EvalSampling(**{**settings, "seed": cfg.seed if ev.seed is None else ev.seed})
     scores = evaluate(
         ev.benchmark,
         out,
