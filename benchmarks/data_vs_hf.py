@@ -89,7 +89,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from phi1_ray.config import DataConfig, RayConfig, SourceConfig
+    from phi1_ray.data.config import DataConfig, SourceConfig
+    from phi1_ray.runtime import RayConfig
     from phi1_ray.tokenizer import train_from_sources
 
     work = Path(tempfile.mkdtemp(prefix="data_vs_hf_"))

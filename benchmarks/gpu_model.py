@@ -45,9 +45,8 @@ def main() -> None:
 
     from transformers import PhiConfig, PhiForCausalLM
 
-    from phi1_ray.config import ModelConfig
     from phi1_ray.hf import config_to_hf
-    from phi1_ray.model import FLASH_ATTN_AVAILABLE, Phi1ForCausalLM, next_token_loss
+    from phi1_ray.model import FLASH_ATTN_AVAILABLE, ModelConfig, Phi1ForCausalLM, next_token_loss
 
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name()

@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from phi1_ray.config import TrainJobConfig, load_config
+from phi1_ray.config import load_config
+from phi1_ray.train.config import TrainJobConfig
 
 
 def run_case(job, model: torch.nn.Module, steps: int, warmup: int, device: str) -> dict:

@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from phi1_ray.config import ModelConfig, SamplingConfig, apply_overrides, build
+from phi1_ray.config import SamplingConfig, apply_overrides, build
 from phi1_ray.generate import generate_ids
 from phi1_ray.hf import export_hf
-from phi1_ray.model import Phi1ForCausalLM, next_token_loss
+from phi1_ray.model import ModelConfig, Phi1ForCausalLM, next_token_loss
 
 
 def median_rounds(ours: Callable[[], float], theirs: Callable[[], float], rounds: int) -> dict[str, float]:

@@ -35,8 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from phi1_ray.checkpoint import save_checkpoint  # noqa: E402
-from phi1_ray.config import ModelConfig, SamplingConfig, SourceConfig  # noqa: E402
-from phi1_ray.model import Phi1ForCausalLM  # noqa: E402
+from phi1_ray.config import SamplingConfig
+from phi1_ray.data.config import SourceConfig
+from phi1_ray.model import (
+    ModelConfig,
+    Phi1ForCausalLM,  # noqa: E402
+)
 from phi1_ray.serving.engine import InferenceEngine  # noqa: E402
 from phi1_ray.tokenizer import train_from_sources  # noqa: E402
 

@@ -8,8 +8,7 @@ The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` (
 
 from phi1_ray.checkpoint import load_model
 from phi1_ray.cli import config_from_argv, run_main
-from phi1_ray.config import ExportJobConfig
-from phi1_ray.hf import export_hf
+from phi1_ray.hf import ExportJobConfig, export_hf
 
 
 def main() -> None:

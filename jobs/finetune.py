@@ -10,7 +10,7 @@ The model's sizes come from ``init_from``; dropout and attention settings from t
 import json
 
 from phi1_ray.cli import config_from_argv, run_main
-from phi1_ray.config import TrainJobConfig
+from phi1_ray.train.config import TrainJobConfig
 from phi1_ray.train.run import run_training
 
 

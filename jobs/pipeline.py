@@ -9,8 +9,8 @@ deleting a stage's output runs it and the stages after it again; `skip=[serve]` 
 """
 
 from phi1_ray.cli import config_from_argv, run_main
-from phi1_ray.config import PipelineConfig
 from phi1_ray.pipeline import run
+from phi1_ray.pipeline.config import PipelineConfig
 
 if __name__ == "__main__":
     run_main(lambda: run(config_from_argv(PipelineConfig, __doc__)))

@@ -10,7 +10,7 @@ The quick form gives every input the same weight and keeps stream order (no shuf
 from typing import Any
 
 from phi1_ray.cli import Flag, config_from_argv, run_main
-from phi1_ray.config import PrepareDataConfig
+from phi1_ray.data.config import PrepareDataConfig
 from phi1_ray.data.ray_pipeline import prepare
 from phi1_ray.data.read import source_for_path
 from phi1_ray.runtime import init_ray

@@ -10,7 +10,7 @@ Without a cluster a local Ray instance starts. Running the same command again wi
 import json
 
 from phi1_ray.cli import config_from_argv, run_main
-from phi1_ray.config import TrainJobConfig
+from phi1_ray.train.config import TrainJobConfig
 from phi1_ray.train.run import run_training
 
 

@@ -8,8 +8,7 @@ The directory it writes loads with transformers.AutoTokenizer and serves as data
 from pathlib import Path
 
 from phi1_ray.cli import config_from_argv, run_main
-from phi1_ray.config import TrainTokenizerConfig
-from phi1_ray.tokenizer import train_from_sources
+from phi1_ray.tokenizer import TrainTokenizerConfig, train_from_sources
 
 
 def main() -> None:

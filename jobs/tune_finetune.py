@@ -11,7 +11,7 @@ import json
 import sys
 
 from phi1_ray.cli import config_from_argv, run_main
-from phi1_ray.config import TuneJobConfig
+from phi1_ray.tune.config import TuneJobConfig
 from phi1_ray.tune.sweep import run_sweep
 
 

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from phi1_ray import storage
-from phi1_ray.config import ModelConfig, build
+from phi1_ray.config import build
 from phi1_ray.errors import CheckpointError, ConfigError
 from phi1_ray.hf import config_from_hf, load_hf_model, load_state_into, read_json, read_weights, resolve_hf_path
-from phi1_ray.model import Phi1ForCausalLM, build_empty
+from phi1_ray.model import ModelConfig, Phi1ForCausalLM, build_empty
 from phi1_ray.tokenizer import has_tokenizer, load_tokenizer
 
 MANIFEST = "phi1_ray.json"

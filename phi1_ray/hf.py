@@ -15,9 +15,20 @@ from typing import Any
 
 import torch
 
-from phi1_ray.config import ModelConfig, build
+from phi1_ray.config import Section, build
 from phi1_ray.errors import CheckpointError, ConfigError
-from phi1_ray.model import Phi1ForCausalLM, build_empty
+from phi1_ray.model import ModelConfig, Phi1ForCausalLM, build_empty
+
+
+class ExportJobConfig(Section):
+    """``jobs/export.py``: a checkpoint as a Hugging Face directory (transformers, vLLM; no trust_remote_code)."""
+
+    checkpoint: str
+    """A training run directory (its best, else latest checkpoint), a training checkpoint (its ZeRO shards are
+    consolidated first), a phi1_ray checkpoint, or a Hugging Face directory / hub id."""
+    out: str
+    """The output directory."""
+
 
 WEIGHT_FILES = (
     "model.safetensors",

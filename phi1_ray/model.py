@@ -5,7 +5,9 @@ identity map: ``model.embed_tokens``, ``model.layers.N.input_layernorm``,
 ``model.layers.N.self_attn.{q_proj,k_proj,v_proj,dense}``, ``model.layers.N.mlp.{fc1,fc2}``,
 ``model.final_layernorm``, ``lm_head``.
 
-Single-device code: nothing here knows about Ray or DeepSpeed.
+Its config sits beside it: :class:`ModelConfig` (Hugging Face ``PhiForCausalLM`` semantics) and the named presets
+(``phi-1``, ``phi-1-small``, ``tiny``; ``ModelConfig.from_name("phi-1", n_layer=4)``), any field overridable next
+to the name. Single-device code: nothing here knows about Ray or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -14,13 +16,101 @@ import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from phi1_ray.config import ModelConfig
+from phi1_ray.config import Section, build
+
+AttnImpl = Literal["sdpa", "flash_attn", "eager"]
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's 1.3B model: 24 layers, hidden 2048, MLP 8192, 32 heads of 64.
+    "phi-1": {"n_layer": 24, "n_embd": 2048, "n_inner": 8192, "n_head": 32},
+    # The paper's 350M model.
+    "phi-1-small": {"n_layer": 20, "n_embd": 1024, "n_inner": 4096, "n_head": 16},
+    # A ~1M-parameter model for CPU tests and the demo; small vocab so a CPU step is cheap.
+    "tiny": {
+        "n_layer": 2,
+        "n_embd": 128,
+        "n_inner": 512,
+        "n_head": 2,
+        # the offline tokenizer of phi1_ray.tokenizer: 4096 entries, <|endoftext|> = 0
+        "vocab_size": 4096,
+        "eos_token_id": 0,
+        "bos_token_id": 0,
+    },
+}
+
+
+class ModelConfig(Section):
+    """Sizes and options of the phi-1 network (Hugging Face ``PhiForCausalLM`` semantics)."""
+
+    name: str | None = None
+    """Preset the other fields start from (``phi-1``, ``phi-1-small``, ``tiny``); None means all fields given."""
+    vocab_size: int = 51200
+    n_layer: int = 24
+    n_embd: int = 2048
+    n_inner: int = 8192
+    n_head: int = 32
+    rotary_dim: int = 32
+    """Rotary embedding on the first ``rotary_dim`` dims of each head (NeoX style); the rest pass through."""
+    rope_theta: float = 10000.0
+    n_positions: int = 2048
+    """Context length."""
+    layer_norm_eps: float = 1e-5
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    attn_impl: AttnImpl = "sdpa"
+    doc_mask: bool = False
+    """Packed rows: positions restart after each EOS and no token attends across a document boundary."""
+    eos_token_id: int = 50256
+    bos_token_id: int = 50256
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is not None:
+            name = data["name"]
+            if name not in MODEL_PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(MODEL_PRESETS)}")
+            data = {**MODEL_PRESETS[name], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> ModelConfig:
+        positive = ("vocab_size", "n_layer", "n_embd", "n_inner", "n_head", "n_positions")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not (0 < self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"eos_token_id ({self.eos_token_id}) must be < vocab_size ({self.vocab_size})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """``ModelConfig.from_name("phi-1", n_layer=4)``."""
+        return build(cls, {"name": name, **overrides}, where="model")
+
 
 FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from phi1_ray.config import RayConfig
+from phi1_ray.config import Section
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """None: the cluster this job was submitted to, else a new local instance."""
+    num_cpus: int | None = None
+    """Local instance only: CPUs it may use (default: all)."""
 
 
 def on_cluster(cfg: RayConfig | None = None) -> bool:

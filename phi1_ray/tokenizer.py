@@ -12,7 +12,30 @@ from pathlib import Path
 from typing import Any
 
 from phi1_ray import storage
+from phi1_ray.config import Section
+from phi1_ray.data.config import SourceConfig
 from phi1_ray.errors import CheckpointError, ConfigError
+
+
+class TokenizerConfig(Section):
+    """Where the tokenizer comes from: a local directory or hub id, or trained offline on ``sources``."""
+
+    path: str | None = None
+    """Directory or Hugging Face hub id (for example ``microsoft/phi-1``); None trains one offline."""
+    vocab_size: int = 4096
+    """Size of a tokenizer trained offline (BPE merges + 256 bytes + special and whitespace tokens)."""
+    sources: list[SourceConfig] = [SourceConfig(type="stdlib", max_bytes=8_000_000)]
+    """Corpus a tokenizer is trained on."""
+
+
+class TrainTokenizerConfig(Section):
+    """``jobs/train_tokenizer.py``: a codegen-style byte-level BPE trained offline."""
+
+    run_dir: str = "runs/tokenizer"
+    out: str | None = None
+    """Tokenizer directory (default ``run_dir/tokenizer``)."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
 
 EOS = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -86,7 +109,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
 
 
 def train_from_sources(sources: list[Any], vocab_size: int, out_dir: str | Path) -> Any:
-    """Train on the documents of corpus ``sources`` (see :class:`phi1_ray.config.SourceConfig`), in order."""
+    """Train on the documents of corpus ``sources`` (see :class:`phi1_ray.data.config.SourceConfig`), in order."""
     from phi1_ray.data.read import iter_texts
 
     return train_tokenizer(iter_texts(sources), vocab_size, out_dir)

@@ -25,7 +25,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from phi1_ray.config import MlflowConfig
+from phi1_ray.config import Section
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = None
+    """None means a file store under the run directory."""
+    experiment: str = "phi1_ray"
+
 
 PARENT_TAG = "mlflow.parentRunId"
 """The tag that makes a run a child of another in MLflow's UI."""

@@ -14,8 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
-from phi1_ray.config import ModelConfig
-from phi1_ray.model import Phi1ForCausalLM
+from phi1_ray.model import ModelConfig, Phi1ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,7 @@ def random_model(seed: int = 0, **overrides) -> Phi1ForCausalLM:
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    from phi1_ray.config import SourceConfig
+    from phi1_ray.data.config import SourceConfig
     from phi1_ray.tokenizer import train_from_sources
 
     out = tmp_path_factory.mktemp("tokenizer")

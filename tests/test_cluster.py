@@ -256,7 +256,7 @@ def test_kuberay_serving_clusters_run_serves_haproxy_ingress(kind):
 
 def test_rayjob_runs_pretraining_with_checkpoints_on_object_storage(monkeypatch, capsys):
     from phi1_ray.cli import config_from_argv
-    from phi1_ray.config import TrainJobConfig
+    from phi1_ray.train.config import TrainJobConfig
 
     doc = manifests()["RayJob"]
     spec = doc["spec"]

@@ -1,16 +1,9 @@
 import pytest
 
-from phi1_ray.config import (
-    MODEL_PRESETS,
-    ModelConfig,
-    PipelineConfig,
-    apply_overrides,
-    build,
-    load_config,
-    parse_override,
-    to_yaml,
-)
+from phi1_ray.config import apply_overrides, build, load_config, parse_override, to_yaml
 from phi1_ray.errors import ConfigError
+from phi1_ray.model import MODEL_PRESETS, ModelConfig
+from phi1_ray.pipeline.config import PipelineConfig
 from tests.conftest import ROOT, assert_user_error, run_job
 
 
@@ -100,9 +93,10 @@ def test_job_prints_config_errors_without_traceback(tmp_path):
 
 
 def test_one_sampling_section_for_generation_evaluation_and_the_teacher():
-    from phi1_ray.config import DEFAULT_STOP, EvalStageConfig, SamplingConfig
+    from phi1_ray.config import DEFAULT_STOP, SamplingConfig
     from phi1_ray.datagen.config import TeacherConfig
     from phi1_ray.evals.generation import EvalSampling
+    from phi1_ray.pipeline.config import EvalStageConfig
 
     keys = set(SamplingConfig.model_fields)
     assert keys == {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"}

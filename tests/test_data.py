@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from phi1_ray.config import DataConfig, SourceConfig
+from phi1_ray.data.config import DataConfig, SourceConfig
 from phi1_ray.data.pack import Packer, table_to_blocks
 from phi1_ray.data.read import stdlib_root
 from phi1_ray.errors import ConfigError, DataError

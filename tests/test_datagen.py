@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from phi1_ray.checkpoint import save_checkpoint
-from phi1_ray.config import DataConfig, SourceConfig
+from phi1_ray.data.config import DataConfig, SourceConfig
 from phi1_ray.data.read import iter_texts
 from phi1_ray.datagen.config import DedupConfig, FilterConfig, GenerateConfig
 from phi1_ray.datagen.dedup import run_dedup

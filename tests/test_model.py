@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import PhiConfig, PhiForCausalLM
 
-from phi1_ray.config import ModelConfig
 from phi1_ray.hf import config_to_hf
 from phi1_ray.model import (
     FLASH_ATTN_AVAILABLE,
     AttentionBias,
+    ModelConfig,
     Phi1ForCausalLM,
     document_layout,
     eager_attention,

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi1_ray.config import PipelineConfig, build, read_yaml
+from phi1_ray.config import build, read_yaml
 from phi1_ray.errors import ConfigError
 from phi1_ray.pipeline import STAGES, Stage, Stages, plan
+from phi1_ray.pipeline.config import PipelineConfig
 from tests.conftest import ROOT
 
 

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from phi1_ray.config import OptimConfig, TrainConfig, build, resolve_precision
+from phi1_ray.config import build
 from phi1_ray.errors import ConfigError
 from phi1_ray.model import next_token_loss
+from phi1_ray.train.config import OptimConfig, TrainConfig, resolve_precision
 from phi1_ray.train.deepspeed_config import deepspeed_config
 from phi1_ray.train.schedule import lr_at, lr_lambda
 

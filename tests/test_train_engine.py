@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from phi1_ray.config import ModelConfig, OptimConfig, TrainConfig, resolve_precision
-from phi1_ray.model import Phi1ForCausalLM
+from phi1_ray.model import ModelConfig, Phi1ForCausalLM
+from phi1_ray.train.config import OptimConfig, TrainConfig, resolve_precision
 from phi1_ray.train.engine import build_engine, init_single_process, micro_step
 from phi1_ray.train.schedule import lr_at
 

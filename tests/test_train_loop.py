@@ -5,9 +5,8 @@ from itertools import islice
 import pytest
 import torch
 
-from phi1_ray.config import ModelConfig
 from phi1_ray.errors import Phi1Error
-from phi1_ray.model import Phi1ForCausalLM
+from phi1_ray.model import ModelConfig, Phi1ForCausalLM
 from phi1_ray.train.loop import BatchStream, block_loss
 from phi1_ray.train.metrics import flops_per_token, mfu, non_embedding_params, peak_tflops, progress_line
 

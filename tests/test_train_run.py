@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from phi1_ray.config import ConfigError, OptimConfig, TrainJobConfig, load_config
+from phi1_ray.config import ConfigError, load_config
+from phi1_ray.train.config import OptimConfig, TrainJobConfig
 from phi1_ray.train.schedule import lr_at
 from tests.conftest import (
     ROOT,

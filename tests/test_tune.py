@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from phi1_ray.checkpoint import save_checkpoint
-from phi1_ray.config import TrainJobConfig, load_config
+from phi1_ray.config import load_config
+from phi1_ray.train.config import TrainJobConfig
 from tests.conftest import ROOT, assert_user_error, random_model, run_job
 
 

@@ -24,7 +24,7 @@ from ray.data import SaveMode
 from ray.data.datasource import FilenameProvider
 
 from phi1_ray import storage
-from phi1_ray.config import DataConfig
+from phi1_ray.data.config import DataConfig
 from phi1_ray.data.pack import (
     DocumentTokenizer,
     Packer,

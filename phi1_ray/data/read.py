@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from phi1_ray.config import DataConfig, SourceConfig
+from phi1_ray.data.config import DataConfig, SourceConfig
 from phi1_ray.data.exercises import mine_exercises
 from phi1_ray.errors import DataError
 from phi1_ray.storage import filesystem_of, with_scheme

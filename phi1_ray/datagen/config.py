@@ -7,7 +7,10 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from phi1_ray.config import MlflowConfig, RayConfig, SamplingConfig, Section, SourceConfig
+from phi1_ray.config import SamplingConfig, Section
+from phi1_ray.data.config import SourceConfig
+from phi1_ray.runtime import RayConfig
+from phi1_ray.tracking import MlflowConfig
 
 
 class TeacherConfig(SamplingConfig):

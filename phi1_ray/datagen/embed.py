@@ -34,8 +34,7 @@ class Encoder:
     def __init__(self, cfg: EncoderConfig) -> None:
         self.cfg = cfg
         if cfg.random_init:
-            from phi1_ray.config import ModelConfig
-            from phi1_ray.model import Phi1ForCausalLM
+            from phi1_ray.model import ModelConfig, Phi1ForCausalLM
             from phi1_ray.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(cfg.tokenizer)

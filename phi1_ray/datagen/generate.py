@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from phi1_ray import storage
-from phi1_ray.config import DataConfig, SourceConfig
+from phi1_ray.data.config import DataConfig, SourceConfig
 from phi1_ray.data.read import FileEntry, ReadReport, list_files, read_file
 from phi1_ray.datagen.config import GenerateConfig, TeacherConfig
 from phi1_ray.datagen.output import finished, usage_totals, write_dataset, write_manifest

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from phi1_ray import storage
-from phi1_ray.config import DataConfig, SourceConfig
+from phi1_ray.data.config import DataConfig, SourceConfig
 from phi1_ray.data.read import FileEntry, ReadReport, list_files, read_file
 from phi1_ray.datagen.config import EncoderConfig, FilterConfig
 from phi1_ray.datagen.embed import Encoder

@@ -15,12 +15,13 @@ from typing import Any
 
 from pydantic import model_validator
 
-from phi1_ray.config import RayConfig, Section
+from phi1_ray.config import Section
 from phi1_ray.errors import DataError
 from phi1_ray.evals.generation import EvalSampling, Sample, postprocessing_record, requests
 from phi1_ray.evals.passk import score
 from phi1_ray.evals.problems import Problem, benchmark_name, load_benchmark, read_jsonl
 from phi1_ray.evals.sandbox import Limits, Program, Sandbox
+from phi1_ray.runtime import RayConfig
 
 
 class EvalJobConfig(Section):

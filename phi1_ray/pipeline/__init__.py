@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from phi1_ray.config import PipelineConfig
+from phi1_ray.pipeline.config import PipelineConfig
 from phi1_ray.pipeline.plan import STAGES, Plan, enabled_stages, plan
 from phi1_ray.pipeline.records import Stage, Stages, log
 from phi1_ray.pipeline.report import pipeline_summary, print_overview

@@ -12,19 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from phi1_ray import storage
-from phi1_ray.config import (
-    PipelineConfig,
-    SourceConfig,
-    StageJobConfig,
-    TrainJobConfig,
-    TuneJobConfig,
-    build,
-    merge,
-    read_yaml,
-)
+from phi1_ray.config import build, merge, read_yaml
+from phi1_ray.data.config import SourceConfig
 from phi1_ray.errors import ConfigError, StorageError
+from phi1_ray.pipeline.config import PipelineConfig, StageJobConfig
 from phi1_ray.tracking import flatten, tracking_uri
+from phi1_ray.train.config import TrainJobConfig
 from phi1_ray.train.run import RUNTIME_MODEL_FIELDS
+from phi1_ray.tune.config import TuneJobConfig
 
 STAGES = (
     "tokenizer",

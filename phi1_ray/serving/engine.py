@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from phi1_ray.config import ModelConfig, SamplingConfig
+from phi1_ray.config import SamplingConfig
 from phi1_ray.errors import GenerationError
 from phi1_ray.generate import Completion, _TextRow, check_prompt_lengths, sample_next
-from phi1_ray.model import KVCache, Phi1ForCausalLM
+from phi1_ray.model import KVCache, ModelConfig, Phi1ForCausalLM
 
 
 class SlotKVCache:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from phi1_ray.config import OptimConfig, TrainConfig, merge
+from phi1_ray.config import merge
+from phi1_ray.train.config import OptimConfig, TrainConfig
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, precision: str) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from phi1_ray.config import OptimConfig, TrainConfig
 from phi1_ray.model import Phi1ForCausalLM, next_token_loss
+from phi1_ray.train.config import OptimConfig, TrainConfig
 from phi1_ray.train.deepspeed_config import deepspeed_config
 from phi1_ray.train.schedule import lr_lambda
 

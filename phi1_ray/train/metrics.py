@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from phi1_ray.config import ModelConfig
+from phi1_ray.model import ModelConfig
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' datasheets; SXM parts.
 PEAK_TFLOPS: dict[str, float] = {"H200": 989.0, "H100": 989.0, "A100": 312.0}

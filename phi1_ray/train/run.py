@@ -23,9 +23,9 @@ from phi1_ray.checkpoint import (
     resolve,
     write_run,
 )
-from phi1_ray.config import TrainJobConfig, resolve_precision
 from phi1_ray.errors import CheckpointError, ConfigError, Phi1Error
 from phi1_ray.tracking import TrackedRun, start_run, tracked, tracking_uri, try_log
+from phi1_ray.train.config import TrainJobConfig, resolve_precision
 
 # Model fields a finetuning run may change; the sizes come from the checkpoint it starts from.
 RUNTIME_MODEL_FIELDS = ("attn_impl", "attn_pdrop", "resid_pdrop", "embd_pdrop", "gradient_checkpointing", "doc_mask")

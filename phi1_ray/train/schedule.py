@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from phi1_ray.config import OptimConfig
+from phi1_ray.train.config import OptimConfig
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

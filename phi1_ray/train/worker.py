@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from phi1_ray.checkpoint import DS_TAG, write_train_manifest
-from phi1_ray.config import TrainJobConfig
 from phi1_ray.model import Phi1ForCausalLM
 from phi1_ray.runtime import device_name
 from phi1_ray.tracking import tracked, try_log
+from phi1_ray.train.config import TrainJobConfig
 from phi1_ray.train.engine import build_engine
 from phi1_ray.train.loop import BatchStream, NonFiniteGuard, NonFiniteLossError, Throughput, evaluate, optimizer_step
 from phi1_ray.train.metrics import flops_per_token, mfu, peak_tflops, progress_line

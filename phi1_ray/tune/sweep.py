@@ -22,9 +22,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from phi1_ray.config import SearchDim, TrainJobConfig, TuneJobConfig, build, read_yaml, set_dotted, to_yaml
+from phi1_ray.config import build, read_yaml, set_dotted, to_yaml
 from phi1_ray.errors import ConfigError, Phi1Error
 from phi1_ray.tracking import PARENT_TAG, TrackedRun, try_log
+from phi1_ray.train.config import TrainJobConfig
+from phi1_ray.tune.config import SearchDim, TuneJobConfig
 
 DONE_KEY = "trial_finished"
 

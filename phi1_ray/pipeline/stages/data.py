@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from phi1_ray import tracking
-from phi1_ray.config import PipelineConfig
+from phi1_ray.pipeline.config import PipelineConfig
 from phi1_ray.pipeline.records import Stage, log
 from phi1_ray.pipeline.stages import Context
 

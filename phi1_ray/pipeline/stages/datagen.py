@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from phi1_ray.config import PipelineConfig, read_yaml
 from phi1_ray.config import build as build_config
+from phi1_ray.config import read_yaml
+from phi1_ray.pipeline.config import PipelineConfig
 from phi1_ray.pipeline.records import Stage, log
 from phi1_ray.pipeline.stages import Context
 from phi1_ray.tracking import tracking_uri

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 from phi1_ray import tracking
-from phi1_ray.config import TrainJobConfig, set_dotted
 from phi1_ray.config import build as build_config
+from phi1_ray.config import set_dotted
 from phi1_ray.pipeline.plan import Plan, train_outputs
 from phi1_ray.pipeline.records import Stage, log
 from phi1_ray.pipeline.report import plot_losses
 from phi1_ray.pipeline.stages import Context
 from phi1_ray.pipeline.stages.pretrain import train
+from phi1_ray.train.config import TrainJobConfig
 
 NAME = "finetune"
 

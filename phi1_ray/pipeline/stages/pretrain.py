@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from phi1_ray.checkpoint import read_run
-from phi1_ray.config import TrainJobConfig
 from phi1_ray.pipeline.plan import train_outputs
 from phi1_ray.pipeline.records import Stage, log
 from phi1_ray.pipeline.stages import Context
+from phi1_ray.train.config import TrainJobConfig
 
 NAME = "pretrain"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from phi1_ray import storage
-from phi1_ray.config import PipelineConfig
+from phi1_ray.pipeline.config import PipelineConfig
 from phi1_ray.pipeline.records import Stage, log
 from phi1_ray.pipeline.stages import Context
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from phi1_ray import storage
-from phi1_ray.config import PipelineConfig
+from phi1_ray.pipeline.config import PipelineConfig
 from phi1_ray.pipeline.records import Stage, log
 from phi1_ray.pipeline.stages import Context
 from phi1_ray.tokenizer import check_vocab, load_tokenizer, train_from_sources

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from phi1_ray.config import TuneJobConfig
 from phi1_ray.pipeline.records import Stage, log
 from phi1_ray.pipeline.stages import Context
+from phi1_ray.tune.config import TuneJobConfig
 
 NAME = "tune"
 
