@@ -47,6 +47,14 @@ def resolve(path: str | Path) -> str:
     return str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
+def absolute_if_local(value: str) -> str:
+    """A relative path that exists here made absolute (a process with another working directory, a Tune trial or
+    a Ray worker, finds it too); URIs, hub ids and paths that do not exist stay as they are."""
+    if is_uri(value) or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
 def join(root: str | Path, *parts: str) -> str:
     """``root/part/...`` for a URI or a local path."""
     return "/".join([str(root).rstrip("/"), *parts])

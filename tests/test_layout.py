@@ -152,3 +152,16 @@ def test_the_readme_layout_names_every_room():
             continue
         room = f"phi1_ray/{path.name}" + ("/" if path.is_dir() else "")
         assert f"`{room}`" in layout or f"`{room.rstrip('/')}`" in layout, f"README's Layout does not name {room}"
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    """What one module uses of another has a public name (``from phi1_ray.x import _y`` is a hidden coupling)."""
+    hits = []
+    for sub in ("phi1_ray", "jobs", "serve_apps", "benchmarks"):
+        for path in sorted((ROOT / sub).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("phi1_ray"):
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                    if private:
+                        hits.append(f"{path.relative_to(ROOT)}:{node.lineno}: {', '.join(private)}")
+    assert hits == []

@@ -24,7 +24,8 @@ from tests.conftest import ROOT, assert_user_error, random_model, run_job
 
 def _sweep_config(tmp_path: Path, init: Path) -> Path:
     data = yaml.safe_load((ROOT / "configs/tune/tiny.yaml").read_text())
-    data["overrides"]["init_from"] = str(init)
+    # relative to where the job runs, as the README's command has it: each trial runs in a directory of its own
+    data["overrides"]["init_from"] = os.path.relpath(init, ROOT)
     data["overrides"]["data.sources"] = [{"type": "stdlib", "exercises": True, "max_bytes": 300_000}]
     data["overrides"]["data.seq_len"] = 64
     path = tmp_path / "sweep.yaml"

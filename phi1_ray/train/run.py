@@ -84,7 +84,7 @@ def check(job: TrainJobConfig) -> TrainJobConfig:
     return checked(job)[0]
 
 
-def _tokenizer(job: TrainJobConfig, run_dir: Path, log: Any, start: Resolved | None = None) -> str:
+def tokenizer_for(job: TrainJobConfig, run_dir: Path, log: Any, start: Resolved | None = None) -> str:
     """The run's tokenizer path: the configured one, the one of the checkpoint it starts from, or one trained
     offline on the data sources (once)."""
     from phi1_ray.tokenizer import check_vocab, has_tokenizer, load_tokenizer, train_from_sources
@@ -143,7 +143,7 @@ def _prepare_data(job: TrainJobConfig, run_dir: Path, storage_root: str, name: s
     """Tokenize and pack the run's corpus (or read the prepared one), then check it fits the model and batch."""
     from phi1_ray.data.ray_pipeline import prepare, read_manifest
 
-    tokenizer = _tokenizer(job, run_dir, log, start)
+    tokenizer = tokenizer_for(job, run_dir, log, start)
     # with checkpoints on shared storage the data goes beside them, where every node reads it
     data_dir = job.prepared or (storage.join(storage_root, f"{name}-data") if job.storage_path else run_dir / "data")
     data_dir = storage.resolve(data_dir)

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from phi1_ray import storage
 from phi1_ray.config import build, read_yaml, set_dotted, to_yaml
 from phi1_ray.errors import ConfigError, Phi1Error
 from phi1_ray.tracking import PARENT_TAG, TrackedRun, try_log
@@ -49,6 +50,22 @@ def base_job(cfg: TuneJobConfig) -> dict[str, Any]:
             raise ConfigError(f"overrides.{exc}") from None
     data["job"] = "finetune"
     build(TrainJobConfig, data, source=f"{cfg.base} with the sweep's overrides")
+    return _absolute_inputs(data)
+
+
+def _absolute_inputs(data: dict[str, Any]) -> dict[str, Any]:
+    """The job's input paths made absolute: each trial runs in a working directory of its own, where a path
+    relative to the sweep's would mean nothing."""
+    for key in ("init_from", "prepared", "storage_path"):
+        if isinstance(data.get(key), str):
+            data[key] = storage.absolute_if_local(data[key])
+    section = data.get("data")
+    if isinstance(section, dict):
+        if isinstance(section.get("tokenizer"), str):
+            section["tokenizer"] = storage.absolute_if_local(section["tokenizer"])
+        for source in section.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("paths"), list):
+                source["paths"] = [storage.absolute_if_local(p) if isinstance(p, str) else p for p in source["paths"]]
     return data
 
 
@@ -171,9 +188,9 @@ def _log_results(cfg: TuneJobConfig, parent: TrackedRun, best: dict[str, Any], f
 def _shared_data(job: TrainJobConfig, run_dir: Path) -> tuple[str, str]:
     """Prepare the finetuning data once for every trial: (tokenizer path, prepared directory)."""
     from phi1_ray.data.ray_pipeline import prepare
-    from phi1_ray.train.run import _tokenizer
+    from phi1_ray.train.run import tokenizer_for
 
-    tokenizer = _tokenizer(job, run_dir, log)
+    tokenizer = tokenizer_for(job, run_dir, log)
     data_dir = run_dir / "data"
     if job.prepared:
         return tokenizer, job.prepared
