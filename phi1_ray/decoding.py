@@ -316,7 +316,7 @@ class Decoder:
                 self.running.append(seq)  # from here on, a failure frees its slot through clear()
                 self.cache.fill(seq.slot, prefix, row, seq.offset)
             logits = logits if rows == list(range(len(prompts))) else logits[rows]  # (live, V)
-            deltas = {seq.index: delta for seq, delta in self._advance(live, self._sample(live, logits).tolist())}
+            deltas = {seq.index: delta for seq, delta in self._advance(live, self._sample(live, logits).tolist(), 0)}
             self._inputs = None  # the batch changed
         for seq in seqs:
             if seq.budget <= 0:
@@ -386,14 +386,14 @@ class Decoder:
         else:
             position_ids, key_valid = self.cache.advance()
         out = self.model(tokens, position_ids=position_ids, key_valid=key_valid, cache=self.cache, last_only=True)
-        for seq in seqs:
-            seq.position += 1
         sampled = self._sample(seqs, out[:, -1])  # (B,)
         self._inputs = sampled[:, None]
-        return self._advance(seqs, sampled.tolist())
+        return self._advance(seqs, sampled.tolist(), cached=1)
 
     def _sample(self, seqs: list[DecodeSequence], logits: torch.Tensor) -> torch.Tensor:
         """Next tokens (B,) of ``seqs`` from their logits (B, V): greedy rows at once, sampled rows per group."""
+        if len(seqs) == 1:
+            return self._draw(seqs, logits)
         groups: dict[int, list[int]] = {}
         for i, seq in enumerate(seqs):
             groups.setdefault(0 if seq.params.temperature == 0.0 else id(seq.group), []).append(i)
@@ -416,13 +416,15 @@ class Decoder:
         full[columns] = logits
         return sample_next(full, group.params, group.generator)[columns]
 
-    def _advance(self, seqs: list[DecodeSequence], tokens: list[int]) -> list[Event]:
+    def _advance(self, seqs: list[DecodeSequence], tokens: list[int], cached: int) -> list[Event]:
+        """Give each sequence its new token (``cached``: 1 when the forward pass cached the one before)."""
         events = []
         for seq, token in zip(seqs, tokens):
+            seq.position += cached
             seq.last = token
             seq.produced += 1
             delta = seq.text.push(token)
-            if seq.finished or seq.produced >= seq.budget:
+            if seq.text.finish_reason is not None or seq.produced >= seq.budget:
                 delta += seq.text.finish()
                 self.remove(seq)
             events.append((seq, delta))

@@ -31,6 +31,20 @@ from phi1_ray.model import Phi1ForCausalLM
 __all__ = ["Completion", "check_prompt_lengths", "decode", "generate", "generate_ids", "sample_next", "stream"]
 
 
+def _start(
+    model: Phi1ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingConfig,
+    tokenizer: Any | None,
+    eos_token_id: int | None,
+) -> tuple[Decoder, list[Event]]:
+    """A decoder for this batch, its prompts added: the first token's event of every row, in row order."""
+    longest = max((len(p) for p in prompts), default=0)
+    decoder = Decoder(model, len(prompts), longest + params.max_new_tokens, tokenizer, eos_token_id)
+    generator = seeded(params.seed, params, decoder.device)
+    return decoder, decoder.add(prompts, params, [generator] * len(prompts)) if prompts else []
+
+
 def decode(
     model: Phi1ForCausalLM,
     prompts: Sequence[Sequence[int]],
@@ -40,20 +54,24 @@ def decode(
 ) -> Iterator[Event]:
     """(sequence, text delta) for every token as it is decoded: the first token of each row, then one event per
     running row and step, until every row is finished. ``sequence.index`` is the row's index in ``prompts``."""
-    if not prompts:
-        return
-    longest = max(len(p) for p in prompts)
-    decoder = Decoder(model, len(prompts), longest + params.max_new_tokens, tokenizer, eos_token_id)
-    generator = seeded(params.seed, params, decoder.device)
-    yield from decoder.add(prompts, params, [generator] * len(prompts))
+    decoder, events = _start(model, prompts, params, tokenizer, eos_token_id)
+    yield from events
     while decoder.running:
         yield from decoder.step()
 
 
-def _finished(events: Iterator[Event], count: int) -> list[DecodeSequence]:
-    """Run ``events`` to the end; the sequences in row order."""
-    rows = {seq.index: seq for seq, _ in events}
-    return [rows[i] for i in range(count)]
+def _finished(
+    model: Phi1ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingConfig,
+    tokenizer: Any | None,
+    eos_token_id: int | None,
+) -> list[DecodeSequence]:
+    """Decode every row to its end; the sequences in row order."""
+    decoder, events = _start(model, prompts, params, tokenizer, eos_token_id)
+    while decoder.running:
+        decoder.step()
+    return [seq for seq, _ in events]
 
 
 def generate_ids(
@@ -64,7 +82,7 @@ def generate_ids(
 ) -> list[list[int]]:
     """New token ids per prompt; a row ends at EOS (not included) or after ``max_new_tokens``."""
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    return [seq.text.token_ids for seq in _finished(decode(model, prompts, params, None, eos), len(prompts))]
+    return [seq.text.token_ids for seq in _finished(model, prompts, params, None, eos)]
 
 
 def _encode(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -80,8 +98,8 @@ def generate(
     model: Phi1ForCausalLM, tokenizer: Any, prompts: Sequence[str], params: SamplingConfig
 ) -> list[Completion]:
     """Complete a batch of text prompts."""
-    events = decode(model, _encode(tokenizer, prompts), params, tokenizer, _eos(model, tokenizer))
-    return [seq.completion() for seq in _finished(events, len(prompts))]
+    rows = _finished(model, _encode(tokenizer, prompts), params, tokenizer, _eos(model, tokenizer))
+    return [seq.completion() for seq in rows]
 
 
 def stream(model: Phi1ForCausalLM, tokenizer: Any, prompt: str, params: SamplingConfig) -> Iterator[str]:
