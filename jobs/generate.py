@@ -10,9 +10,8 @@ import sys
 
 from phi1_ray.checkpoint import load_model
 from phi1_ray.cli import Flag, config_from_argv, run_main
-from phi1_ray.config import GenerateJobConfig
 from phi1_ray.errors import CheckpointError
-from phi1_ray.generate import generate, stream
+from phi1_ray.generate import GenerateJobConfig, generate, stream
 from phi1_ray.tokenizer import load_tokenizer
 
 FLAGS = {

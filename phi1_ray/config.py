@@ -87,21 +87,6 @@ class SamplingConfig(Section):
         return self
 
 
-class GenerateJobConfig(Section):
-    """``jobs/generate.py``: one prompt completed by a checkpoint."""
-
-    checkpoint: str
-    """A phi1_ray checkpoint or training run, a Hugging Face directory or hub id, or an ``s3://`` / ``gs://`` URI."""
-    prompt: str
-    tokenizer: str | None = None
-    """Tokenizer directory or hub id, when the checkpoint has none."""
-    sampling: SamplingConfig = SamplingConfig()
-    stream: bool = False
-    """Print the text as it is decoded."""
-    json_output: bool = False
-    """Print one JSON object, ``{"completion": str, "token_ids": [int, ...]}`` (the new tokens only)."""
-
-
 C = TypeVar("C", bound=BaseModel)
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 

@@ -1,113 +1,95 @@
-"""Incremental decoding with a KV cache: batches of prompts of different lengths, greedy or sampled, stop
-sequences and EOS, and a streaming iterator of text deltas.
+"""Batch generation: complete a list of prompts (token ids or text), or stream one, with greedy or sampled
+decoding, stop sequences and EOS.
 
-Prompts of a batch are left-padded; each row keeps its own positions and finishes on its own.
+Each call runs on the decoding loop the serving engine runs (:class:`phi1_ray.decoding.Decoder`), synchronously in
+the caller's thread, with no thread of its own: a decoder with one cache slot per prompt and as many positions as
+the longest prompt plus ``max_new_tokens`` (bounded by the context), all prompts added at once (one left-padded
+prefill), then decode steps until every row is finished. Each row finishes on its own: EOS, a stop sequence,
+``max_new_tokens``, or the context left after the longest prompt. The rows of one call share one generator seeded
+with ``params.seed``.
+
+``sample_next``, ``Completion`` and ``check_prompt_lengths`` live in :mod:`phi1_ray.decoding` and are named here too.
+
+:class:`GenerateJobConfig` is ``jobs/generate.py``'s config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from phi1_ray.config import SamplingConfig
-from phi1_ray.errors import GenerationError
-from phi1_ray.model import KVCache, Phi1ForCausalLM
-
-
-@dataclass
-class Completion:
-    """One finished row: its text (cut before any stop sequence), the new token ids and why it ended."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" (EOS or a stop sequence) or "length"
+from phi1_ray.config import SamplingConfig, Section
+from phi1_ray.decoding import (
+    Completion,
+    Decoder,
+    DecodeSequence,
+    Event,
+    check_prompt_lengths,
+    sample_next,
+    seeded,
+)
+from phi1_ray.model import Phi1ForCausalLM
 
 
-def sample_next(logits: torch.Tensor, params: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token (B,) from logits (B, V): greedy at temperature 0, else temperature, top-k, top-p sampling."""
-    if params.temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < logits.size(-1):
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
-        drop = (probs.cumsum(dim=-1) - probs) > params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+class GenerateJobConfig(Section):
+    """``jobs/generate.py``: one prompt completed by a checkpoint."""
+
+    checkpoint: str
+    """A phi1_ray checkpoint or training run, a Hugging Face directory or hub id, or an ``s3://`` / ``gs://`` URI."""
+    prompt: str
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id, when the checkpoint has none."""
+    sampling: SamplingConfig = SamplingConfig()
+    stream: bool = False
+    """Print the text as it is decoded."""
+    json_output: bool = False
+    """Print one JSON object, ``{"completion": str, "token_ids": [int, ...]}`` (the new tokens only)."""
 
 
-def check_prompt_lengths(lengths: Sequence[int], context: int) -> None:
-    for i, n in enumerate(lengths):
-        if n == 0:
-            raise GenerationError(f"prompt {i} is empty: at least one token is needed")
-        if n > context:
-            raise GenerationError(f"prompt {i} is {n} tokens, longer than the model's context of {context} tokens")
+__all__ = ["Completion", "check_prompt_lengths", "decode", "generate", "generate_ids", "sample_next", "stream"]
 
 
-@torch.inference_mode()
-def decode_steps(
-    model: Phi1ForCausalLM, prompts: Sequence[Sequence[int]], params: SamplingConfig
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,), step after step, until ``max_new_tokens`` or the context is full.
+def _start(
+    model: Phi1ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingConfig,
+    tokenizer: Any | None,
+    eos_token_id: int | None,
+) -> tuple[Decoder, list[Event]]:
+    """A decoder for this batch, its prompts added: the first token's event of every row, in row order."""
+    longest = max((len(p) for p in prompts), default=0)
+    decoder = Decoder(model, len(prompts), longest + params.max_new_tokens, tokenizer, eos_token_id)
+    generator = seeded(params.seed, params, decoder.device)
+    return decoder, decoder.add(prompts, params, [generator] * len(prompts)) if prompts else []
 
-    The caller decides when rows are finished and simply stops iterating when all are.
-    """
-    cfg = model.config
-    lengths = [len(p) for p in prompts]
-    check_prompt_lengths(lengths, cfg.n_positions)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    B, longest = len(prompts), max(lengths)
-    budget = min(params.max_new_tokens, cfg.n_positions - longest)
-    if budget <= 0:
-        return
 
-    ids = torch.zeros(B, longest, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-    ids = ids.to(device)
-    padded = min(lengths) != longest
-    key_valid = position_ids = None
-    if padded:
-        key_valid = torch.ones(B, longest + budget, dtype=torch.bool, device=device)
-        for row, n in enumerate(lengths):
-            key_valid[row, : longest - n] = False
-        position_ids = (key_valid[:, :longest].long().cumsum(dim=1) - 1).clamp(min=0)
+def decode(
+    model: Phi1ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingConfig,
+    tokenizer: Any | None = None,
+    eos_token_id: int | None = None,
+) -> Iterator[Event]:
+    """(sequence, text delta) for every token as it is decoded: the first token of each row, then one event per
+    running row and step, until every row is finished. ``sequence.index`` is the row's index in ``prompts``."""
+    decoder, events = _start(model, prompts, params, tokenizer, eos_token_id)
+    yield from events
+    while decoder.running:
+        yield from decoder.step()
 
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    cache = KVCache(cfg, B, longest + budget, dtype, device)
-    logits = model(
-        ids,
-        position_ids=position_ids,
-        key_valid=key_valid[:, :longest] if padded else None,
-        cache=cache,
-        last_only=True,
-    )[:, -1]
-    next_pos = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
-    for step in range(budget):
-        token = sample_next(logits, params, generator)
-        yield token
-        if step == budget - 1:
-            return
-        logits = model(
-            token[:, None],
-            position_ids=next_pos if padded else None,  # unpadded rows: positions follow the cache
-            key_valid=key_valid[:, : longest + step + 1] if padded else None,
-            cache=cache,
-            last_only=True,
-        )[:, -1]
-        next_pos = next_pos + 1
+
+def _finished(
+    model: Phi1ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingConfig,
+    tokenizer: Any | None,
+    eos_token_id: int | None,
+) -> list[DecodeSequence]:
+    """Decode every row to its end; the sequences in row order."""
+    decoder, events = _start(model, prompts, params, tokenizer, eos_token_id)
+    while decoder.running:
+        decoder.step()
+    return [seq for seq, _ in events]
 
 
 def generate_ids(
@@ -118,66 +100,7 @@ def generate_ids(
 ) -> list[list[int]]:
     """New token ids per prompt; a row ends at EOS (not included) or after ``max_new_tokens``."""
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for token in decode_steps(model, prompts, params):
-        for row, t in enumerate(token.tolist()):
-            if done[row]:
-                continue
-            if t == eos:
-                done[row] = True
-            else:
-                out[row].append(t)
-        if all(done):
-            break
-    return out
-
-
-class _TextRow:
-    """Incremental detokenization of one row: stop sequences, EOS, and text that is safe to emit."""
-
-    def __init__(self, tokenizer: Any, eos: int | None, stop: Sequence[str]) -> None:
-        self.tokenizer, self.eos, self.stop = tokenizer, eos, [s for s in stop if s]
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.finish_reason: str | None = None
-
-    def push(self, token: int) -> str:
-        """Add a token; return the new text that can be shown (held back: a possible stop-sequence prefix)."""
-        if self.finish_reason is not None:
-            return ""
-        if token == self.eos:
-            self.finish_reason = "stop"
-            return self._flush()
-        self.token_ids.append(token)
-        self.text = self.tokenizer.decode(self.token_ids)
-        for s in self.stop:
-            at = self.text.find(s)
-            if at != -1:
-                self.text = self.text[:at]
-                self.finish_reason = "stop"
-                return self._flush()
-        safe = len(self.text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence waits for its next token
-        for s in self.stop:
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if self.text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        return self._take(max(safe, self.emitted))
-
-    def _take(self, upto: int) -> str:
-        delta = self.text[self.emitted : upto]
-        self.emitted = upto
-        return delta
-
-    def _flush(self) -> str:
-        return self._take(len(self.text))
-
-    def finish(self) -> str:
-        if self.finish_reason is None:
-            self.finish_reason = "length"
-        return self._flush()
+    return [seq.text.token_ids for seq in _finished(model, prompts, params, None, eos)]
 
 
 def _encode(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -193,26 +116,12 @@ def generate(
     model: Phi1ForCausalLM, tokenizer: Any, prompts: Sequence[str], params: SamplingConfig
 ) -> list[Completion]:
     """Complete a batch of text prompts."""
-    rows = [_TextRow(tokenizer, _eos(model, tokenizer), params.stop) for _ in prompts]
-    for token in decode_steps(model, _encode(tokenizer, prompts), params):
-        for row, t in zip(rows, token.tolist()):
-            row.push(t)
-        if all(r.finish_reason is not None for r in rows):
-            break
-    for r in rows:
-        r.finish()
-    return [Completion(r.text, r.token_ids, r.finish_reason or "length") for r in rows]
+    rows = _finished(model, _encode(tokenizer, prompts), params, tokenizer, _eos(model, tokenizer))
+    return [seq.completion() for seq in rows]
 
 
 def stream(model: Phi1ForCausalLM, tokenizer: Any, prompt: str, params: SamplingConfig) -> Iterator[str]:
     """Text deltas of one completion as they are decoded; joined, they equal ``generate(...)[0].text``."""
-    row = _TextRow(tokenizer, _eos(model, tokenizer), params.stop)
-    for token in decode_steps(model, _encode(tokenizer, [prompt]), params):
-        delta = row.push(int(token[0]))
+    for _, delta in decode(model, _encode(tokenizer, [prompt]), params, tokenizer, _eos(model, tokenizer)):
         if delta:
             yield delta
-        if row.finish_reason is not None:
-            return
-    tail = row.finish()
-    if tail:
-        yield tail

@@ -9,11 +9,11 @@ import runpy
 import pytest
 
 from phi1_ray.cli import config_from_argv
-from phi1_ray.config import GenerateJobConfig
 from phi1_ray.data.config import PrepareDataConfig
 from phi1_ray.datagen.config import DecontamJobConfig, DedupJobConfig
 from phi1_ray.errors import ConfigError
 from phi1_ray.evals.run import EvalJobConfig
+from phi1_ray.generate import GenerateJobConfig
 from phi1_ray.hf import ExportJobConfig
 from phi1_ray.pipeline.config import PipelineConfig
 from tests.conftest import ROOT, assert_user_error, run_job

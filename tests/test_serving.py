@@ -144,7 +144,7 @@ def test_engine_batches_concurrent_requests_and_matches_in_process_generation(ch
         assert [results[i] for i in range(12)] == [reference(PROMPTS[i % 4], greedy).text for i in range(12)]
         assert engine.stats.max_batch > 1 and engine.stats.finished == 15
         # 12 requests on 8 slots: the rest waited, none was lost; slots all free again
-        assert sorted(engine._free) == list(range(8))
+        assert sorted(engine.free_slots) == list(range(8))
         with pytest.raises(Exception, match="context"):
             engine.submit("x" * 10, SamplingConfig(max_new_tokens=engine.context))
     finally:

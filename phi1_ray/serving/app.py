@@ -141,7 +141,7 @@ def _deployment() -> Any:
             self.api = CompletionsAPI.from_env(engine, settings.api_key_env, max_body_bytes=settings.max_body_bytes)
 
         def check_health(self) -> None:
-            if not self.api.engine._thread.is_alive():
+            if not self.api.engine.alive:
                 raise RuntimeError("the inference engine's thread stopped")
 
         @api.post("/v1/completions")

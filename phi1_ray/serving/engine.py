@@ -1,10 +1,13 @@
-"""The inference engine behind the Serve app: continuous batching over a slot KV cache, testable without Ray.
+"""The inference engine behind the Serve app: continuous batching on phi1_ray's one decoding loop, testable
+without Ray.
 
-One background thread runs the decoding loop. Each request's sequences (``n`` per prompt) take slots of a
-preallocated cache: their own rows, with their own positions, sampling parameters, seed and stop conditions. A new
-request is prefilled on its own and joins the running batch at the next step; every decode step runs all running
-sequences in one forward pass (each row reads only its own cached keys); a finished or cancelled sequence frees its
-slot at once for whoever waits.
+The decoding itself (slot KV cache, prefill, decode step, sampling, stop sequences) is
+:class:`phi1_ray.decoding.Decoder`, the same loop :mod:`phi1_ray.generate` drives for batch generation. This
+module adds what a server needs around it: one background thread owns the decoder and steps it; each request's
+sequences (``n`` per prompt) take slots of its cache, with their own sampling parameters, seed (``seed + choice
+index``) and stop conditions. A new request is prefilled between two steps and joins the running batch at the
+next; every decode step runs all running sequences in one forward pass; a finished or cancelled sequence frees its
+slot at once for whoever waits (in arrival order).
 
 Callers talk to it through :class:`Request`: ``engine.submit(...)`` returns one, whose events (text deltas, then one
 ``done`` per choice) arrive on a thread queue or, from async code, on an ``asyncio`` queue. ``request.cancel()``
@@ -27,54 +30,9 @@ from typing import Any
 import torch
 
 from phi1_ray.config import SamplingConfig
+from phi1_ray.decoding import Completion, Decoder, DecodeSequence, Event, check_prompt_lengths, seeded
 from phi1_ray.errors import GenerationError
-from phi1_ray.generate import Completion, _TextRow, check_prompt_lengths, sample_next
-from phi1_ray.model import KVCache, ModelConfig, Phi1ForCausalLM
-
-
-class SlotKVCache:
-    """Keys/values of every running sequence, one slot (row) each: (n_layer, slots, n_head, max_len, head_dim).
-
-    Before a decode step :meth:`bind` says which slots run, where each writes its new position and how many
-    positions to read back; the model's attention then calls :meth:`update` as it would on a :class:`KVCache`.
-    """
-
-    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (cfg.n_layer, slots, cfg.n_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # the model adds to it; positions here are explicit per row
-        self.rows = torch.zeros(0, dtype=torch.long, device=device)
-        self.write_at = torch.zeros(0, dtype=torch.long, device=device)
-        self.span = 0
-
-    def bind(self, rows: torch.Tensor, write_at: torch.Tensor, span: int) -> None:
-        self.rows, self.write_at, self.span = rows, write_at, span
-
-    def fill(self, slot: int, prefix: KVCache, length: int) -> None:
-        """Copy a prefilled prompt (row 0 of ``prefix``) into ``slot``."""
-        self.k[:, slot, :, :length] = prefix.k[:, 0, :, :length]
-        self.v[:, slot, :, :length] = prefix.v[:, 0, :, :length]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, n_head, 1, head_dim) for the bound rows; each row writes at its own position.
-        self.k[layer, self.rows, :, self.write_at] = k[:, :, 0]
-        self.v[layer, self.rows, :, self.write_at] = v[:, :, 0]
-        return self.k[layer, self.rows, :, : self.span], self.v[layer, self.rows, :, : self.span]
-
-
-@dataclass
-class _Sequence:
-    request: Request
-    index: int  # the choice index in the response
-    row: _TextRow
-    params: SamplingConfig
-    generator: torch.Generator | None
-    budget: int  # new tokens it may still take (max_tokens, bounded by the context)
-    slot: int = -1
-    position: int = 0  # positions in its cache slot so far
-    last: int = 0  # the token sampled last, not yet in the cache
-    produced: int = 0
+from phi1_ray.model import Phi1ForCausalLM
 
 
 @dataclass
@@ -178,15 +136,12 @@ class InferenceEngine:
         self.model_name = model_name
         self.max_batch_size = max_batch_size
         self.context = model.config.n_positions
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos = model.config.eos_token_id if eos is None else int(eos)
-        self.cache = SlotKVCache(model.config, max_batch_size, self.context, self.dtype, self.device)
+        self.decoder = Decoder(model, max_batch_size, self.context, tokenizer, self.eos)
+        self.device, self.dtype = self.decoder.device, self.decoder.dtype
         self.stats = EngineStats()
-        self._free = list(range(max_batch_size - 1, -1, -1))
         self._pending: collections.deque[Request] = collections.deque()
-        self._running: list[_Sequence] = []
         self._wake = threading.Condition()
         self._ids = itertools.count(1)
         self._closed = False
@@ -217,6 +172,16 @@ class InferenceEngine:
         return cls(model.to(device), tokenizer, max_batch_size=max_batch_size, model_name=name)
 
     # -- the caller's side -----------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """Whether the decoding thread runs (False after :meth:`close`, or if it died)."""
+        return self._thread.is_alive()
+
+    @property
+    def free_slots(self) -> list[int]:
+        """The cache slots no sequence holds (all of them when the engine is idle)."""
+        return self.decoder.free_slots
+
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt, add_special_tokens=False))
 
@@ -285,96 +250,73 @@ class InferenceEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._running and not self._admissible():
+                while not self._closed and not self.decoder.running and not self._admissible(self._free_count()):
                     self._wake.wait()
                 if self._closed:
                     break
-                admitted = []
-                while self._admissible():
-                    request = self._pending.popleft()
-                    slots = [self._free.pop() for _ in range(request.remaining)]
-                    admitted.append((request, slots))
-            for request, slots in admitted:
-                self._guarded(self._prefill, request, slots)
+                admitted, free = [], self._free_count()
+                while self._admissible(free):
+                    admitted.append(self._pending.popleft())
+                    free -= admitted[-1].remaining
+            for request in admitted:
+                self._guarded(self._prefill, request)
             self._drop_cancelled()
-            if self._running:
+            if self.decoder.running:
                 self._guarded(self._step)
-        for seq in self._running:
-            seq.request._emit(("error", "the engine shut down"))
+        for seq in self.decoder.running:
+            seq.owner._emit(("error", "the engine shut down"))
 
-    def _admissible(self) -> bool:
+    def _free_count(self) -> int:
+        return len(self.decoder.free_slots)
+
+    def _admissible(self, free: int) -> bool:
         while self._pending and self._pending[0].cancelled:
             request = self._pending.popleft()
             self.stats.cancelled += 1
             request._emit(("error", "cancelled"))
-        return bool(self._pending) and self._pending[0].remaining <= len(self._free)
+        return bool(self._pending) and self._pending[0].remaining <= free
 
     def _guarded(self, fn: Any, *args: Any) -> None:
         """A failing step fails its requests, not the engine."""
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - reported to every affected caller; the loop goes on
-            affected = {id(s.request): s.request for s in self._running}
+            affected = {id(s.owner): s.owner for s in self.decoder.clear()}
             if fn == self._prefill:
                 affected[id(args[0])] = args[0]
-            for seq in self._running:
-                self._release(seq)
-            self._running = []
             for request in affected.values():
                 self.stats.failed += 1
                 request._emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
 
-    @torch.inference_mode()
-    def _prefill(self, request: Request, slots: list[int]) -> None:
+    def _prefill(self, request: Request) -> None:
+        """Add the request's sequences to the decoder: choice j of each prompt samples with ``seed + j``."""
         params = request.params
-        free = iter(slots)
-        for p_index, prompt in enumerate(request.prompts):
-            prefix = KVCache(self.model.config, 1, len(prompt), self.dtype, self.device)
-            ids = torch.as_tensor([prompt], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache=prefix, last_only=True)[:, -1]  # (1, V)
-            for j in range(request.n):
-                seed = None if params.seed is None else params.seed + j
-                generator = None
-                if seed is not None and params.temperature > 0:
-                    generator = torch.Generator(device=self.device).manual_seed(seed)
-                seq = _Sequence(
-                    request=request,
-                    index=p_index * request.n + j,
-                    row=_TextRow(self.tokenizer, self.eos, params.stop),
-                    params=params,
-                    generator=generator,
-                    budget=min(params.max_new_tokens, self.context - len(prompt)),
-                    slot=next(free),
-                    position=len(prompt),
-                )
-                self.cache.fill(seq.slot, prefix, len(prompt))
-                if seq.budget <= 0:
-                    self._finish(seq)
-                    continue
-                self._take(seq, int(sample_next(logits, params, generator)[0]))
+        seeds = [None if params.seed is None else params.seed + j for _ in request.prompts for j in range(request.n)]
+        generators = [seeded(seed, params, self.device) for seed in seeds]
+        self._deliver(self.decoder.add(request.prompts, params, generators, n=request.n, owner=request))
 
-    def _take(self, seq: _Sequence, token: int) -> None:
-        """A sampled token: detokenize, stream, and finish or keep the sequence running."""
-        seq.last = token
-        seq.produced += 1
-        self.stats.generated_tokens += 1
-        delta = seq.row.push(token)
-        if delta and seq.request.stream:
-            seq.request._emit(("delta", seq.index, delta))
-        if seq.row.finish_reason is not None or seq.produced >= seq.budget:
-            self._finish(seq)
-        elif seq not in self._running:
-            self._running.append(seq)
+    def _step(self) -> None:
+        size = len(self.decoder.running)
+        events = self.decoder.step()
+        self.stats.decode_steps += 1
+        self.stats.batch_sizes[size] += 1
+        self.stats.max_batch = max(self.stats.max_batch, size)
+        self._deliver(events)
 
-    def _finish(self, seq: _Sequence) -> None:
-        tail = seq.row.finish()
-        if tail and seq.request.stream:
-            seq.request._emit(("delta", seq.index, tail))
-        if seq in self._running:
-            self._running.remove(seq)
-        self._release(seq)
-        request = seq.request
-        request.texts[seq.index] = Completion(seq.row.text, seq.row.token_ids, seq.row.finish_reason or "length")
+    def _deliver(self, events: list[Event]) -> None:
+        """Stream each new token's text to its request; finish the sequences that ended."""
+        for seq, delta in events:
+            request = seq.owner
+            if seq.produced:  # a sequence without budget ends with no token
+                self.stats.generated_tokens += 1
+            if delta and request.stream:
+                request._emit(("delta", seq.index, delta))
+            if seq.finished:
+                self._finish(seq)
+
+    def _finish(self, seq: DecodeSequence) -> None:
+        request = seq.owner
+        request.texts[seq.index] = seq.completion()
         if request.stream:
             request._emit(("done", seq.index, request.texts[seq.index]))
         request.remaining -= 1
@@ -382,43 +324,11 @@ class InferenceEngine:
             self.stats.finished += 1
             request._emit(("end",))
 
-    def _release(self, seq: _Sequence) -> None:
-        if seq.slot >= 0:
-            self._free.append(seq.slot)
-            seq.slot = -1
-
     def _drop_cancelled(self) -> None:
         dropped = {}
-        for seq in [s for s in self._running if s.request.cancelled]:
-            self._running.remove(seq)
-            self._release(seq)
-            dropped[id(seq.request)] = seq.request
+        for seq in [s for s in self.decoder.running if s.owner.cancelled]:
+            self.decoder.remove(seq)
+            dropped[id(seq.owner)] = seq.owner
         for request in dropped.values():
             self.stats.cancelled += 1
             request._emit(("error", "cancelled"))
-
-    @torch.inference_mode()
-    def _step(self) -> None:
-        """One forward pass for every running sequence; each samples its next token with its own parameters."""
-        seqs = list(self._running)
-        device = self.device
-        rows = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=device)
-        positions = torch.tensor([s.position for s in seqs], dtype=torch.long, device=device)
-        span = max(s.position for s in seqs) + 1
-        key_valid = torch.arange(span, device=device)[None, :] <= positions[:, None]
-        tokens = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=device)
-        self.cache.bind(rows, positions, span)
-        logits = self.model(
-            tokens, position_ids=positions[:, None], key_valid=key_valid, cache=self.cache, last_only=True
-        )[:, -1]
-        self.stats.decode_steps += 1
-        self.stats.batch_sizes[len(seqs)] += 1
-        self.stats.max_batch = max(self.stats.max_batch, len(seqs))
-        greedy = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            seq.position += 1
-            if seq.params.temperature == 0.0:
-                token = greedy[i]
-            else:
-                token = int(sample_next(logits[i : i + 1], seq.params, seq.generator)[0])
-            self._take(seq, token)

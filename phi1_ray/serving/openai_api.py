@@ -170,7 +170,7 @@ class CompletionsAPI:
     async def health(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        alive = self.engine._thread.is_alive()
+        alive = self.engine.alive
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     async def stats(self, request: Any) -> Any:
