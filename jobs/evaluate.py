@@ -11,14 +11,8 @@ Every flag sets a key of the config (listed below); the last line of stdout is t
 
 import json
 
-from phi1_ray.cli import Flag, config_from_argv, run_main
+from phi1_ray.cli import Flag, config_from_argv, run_main, unescape
 from phi1_ray.evals.run import EvalJobConfig, run_eval
-
-
-def unescape(values: list[str]) -> list[str]:
-    r"""``--stop '\nclass'`` means a newline, as typed in a shell."""
-    return [v.encode().decode("unicode_escape") for v in values]
-
 
 FLAGS = {
     "--checkpoint": "checkpoint",

@@ -9,7 +9,7 @@ import json
 import sys
 
 from phi1_ray.checkpoint import load_model
-from phi1_ray.cli import Flag, config_from_argv, run_main
+from phi1_ray.cli import Flag, config_from_argv, run_main, unescape
 from phi1_ray.errors import CheckpointError
 from phi1_ray.generate import GenerateJobConfig, generate, stream
 from phi1_ray.tokenizer import load_tokenizer
@@ -22,7 +22,12 @@ FLAGS = {
     "--top-p": "sampling.top_p",
     "--top-k": "sampling.top_k",
     "--seed": "sampling.seed",
-    "--stop": Flag("sampling.stop", kind="append", help="stop sequence (repeatable)"),
+    "--stop": Flag(
+        "sampling.stop",
+        kind="append",
+        convert=unescape,
+        help=r"stop sequence (repeatable; '\ndef' is a newline, then def)",
+    ),
     "--tokenizer": "tokenizer",
     "--stream": Flag("stream", kind="switch"),
     "--json": Flag("json_output", kind="switch"),

@@ -61,6 +61,22 @@ class Resolved:
     """The file the model's config was read from (for error messages)."""
     tokenizer: str | None
     """Where its tokenizer is (a local directory), None when it has none."""
+    root: Path | None = None
+    """The local directory ``source`` names (its copy, for a URI or hub id); None: ``directory``."""
+
+    @property
+    def portable_tokenizer(self) -> str | None:
+        """The tokenizer as a reference every node can load: for a URI or hub id the source itself (or the URI of
+        the tokenizer inside it), not this machine's local copy; for a local path the local directory."""
+        if self.tokenizer is None or not (storage.is_uri(self.source) or not Path(self.source).expanduser().exists()):
+            return self.tokenizer
+        try:
+            inside = Path(self.tokenizer).relative_to(self.root or self.directory).as_posix()
+        except ValueError:
+            return self.tokenizer
+        if inside == ".":
+            return self.source
+        return storage.join(self.source, inside) if storage.is_uri(self.source) else self.tokenizer
 
     def model_config(self, **runtime: Any) -> ModelConfig:
         """Its model's config, with runtime options (``attn_impl``, dropout, ...) replaced."""
@@ -111,7 +127,7 @@ def _resolve_train(given: str, directory: Path) -> Resolved:
         raise CheckpointError(f"{directory}: a training run without a checkpoint yet")
     tokenizer = _first_tokenizer(found / "tokenizer", directory, directory / "hf")
     origin = str(found / TRAIN_MANIFEST)
-    return Resolved("train", given, found, read_train_manifest(found)["model"], origin, tokenizer)
+    return Resolved("train", given, found, read_train_manifest(found)["model"], origin, tokenizer, directory)
 
 
 def load_resolved(

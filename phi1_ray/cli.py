@@ -45,6 +45,12 @@ class Flag:
     metavar: str | None = None
 
 
+def unescape(values: list[str]) -> list[str]:
+    r"""Stop sequences as typed in a shell: ``--stop '\ndef'`` means a newline, then ``def``."""
+    # backslashreplace keeps any character beyond latin-1 as an escape that decoding turns back into it
+    return [v.encode("latin-1", "backslashreplace").decode("unicode_escape") for v in values]
+
+
 FlagTable = Mapping[str, "str | Flag"]
 OUTPUT_FLAGS: dict[str, Flag] = {"--run-dir": Flag("run_dir", metavar="DIR"), "--out": Flag("out", metavar="DIR")}
 """Added to every job whose config has the key: where its outputs go."""

@@ -145,3 +145,17 @@ def test_flags_name_keys_of_their_config():
         config_from_argv(ExportJobConfig, None, [], flags={"--ckpt": "ckpt"})
     with pytest.raises(ConfigError, match="model.n_layers: unknown key"):
         config_from_argv(PipelineConfig, None, ["model.n_layers=3"])
+
+
+def test_stop_flags_read_escapes_as_typed_in_a_shell():
+    """``--stop '\\ndef'`` (the README's example) is a newline then ``def`` for generate as for evaluate; other text,
+    accents and symbols included, stays as typed."""
+    gen = config_from_argv(
+        GenerateJobConfig, None, ["--checkpoint", "c", "--prompt", "p", "--stop", r"\ndef", "--stop", "é→"],
+        flags=declared_flags("generate"),
+    )  # fmt: skip
+    assert gen.sampling.stop == ["\ndef", "é→"]
+    ev = config_from_argv(
+        EvalJobConfig, None, ["--samples", "s", "--stop", r"\nclass"], flags=declared_flags("evaluate")
+    )
+    assert ev.sampling.stop == ["\nclass"]

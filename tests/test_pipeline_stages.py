@@ -163,3 +163,31 @@ def test_checkpoints_on_object_storage_are_loaded_through_a_local_copy(tmp_path,
     assert remote.encode("def f(x):\n    return x\n") == tokenizer.encode("def f(x):\n    return x\n")
     with pytest.raises(Exception, match="no files there|cannot list"):
         localize((tmp_path / "empty").as_uri())
+
+
+def test_a_remote_checkpoint_names_its_tokenizer_by_uri(tmp_path, monkeypatch, tokenizer):
+    """A run starting from a URI hands its workers the tokenizer's URI (every node loads it), not the driver's
+    local copy; a local checkpoint hands the local directory."""
+    from phi1_ray.checkpoint import resolve, save_checkpoint
+    from tests.conftest import random_model
+
+    monkeypatch.setenv("PHI1_CACHE", str(tmp_path / "cache"))
+    save_checkpoint(random_model(), tmp_path / "bucket" / "export", tokenizer)
+    uri = (tmp_path / "bucket" / "export").as_uri()
+    remote = resolve(uri)
+    assert remote.tokenizer.startswith(str(tmp_path / "cache")) and remote.portable_tokenizer == uri
+    local = resolve(tmp_path / "bucket" / "export")
+    assert local.portable_tokenizer == local.tokenizer == str(tmp_path / "bucket" / "export")
+
+
+def test_evaluation_settings_keep_finished_records_valid():
+    """The evaluate stage hashes the sampling keys its section gained only when they are set: a run directory of an
+    unchanged config keeps its finished evaluate stage; a changed top_p reruns it."""
+    from phi1_ray.pipeline.stages.evaluate import _evaluation_settings
+
+    cfg = build(PipelineConfig, read_yaml(ROOT / "configs" / "pipeline" / "demo.yaml"))
+    assert set(_evaluation_settings(cfg)) == {
+        "enabled", "benchmark", "limit", "n", "temperature", "max_new_tokens", "timeout_s", "actors", "use_gpu"
+    }  # fmt: skip
+    cfg.evaluation.top_p = 0.5
+    assert _evaluation_settings(cfg)["top_p"] == 0.5

@@ -11,7 +11,7 @@ from phi1_ray.train.config import OptimConfig, TrainConfig
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, precision: str) -> dict[str, Any]:
     """ZeRO stage and offload, precision (fp16 with dynamic loss scaling), batch arithmetic, clipping.
 
-    ``precision`` is the resolved one (see :func:`phi1_ray.config.resolve_precision`). The optimizer and the LR
+    ``precision`` is the resolved one (see :func:`phi1_ray.train.config.resolve_precision`). The optimizer and the LR
     schedule are built in torch and handed to ``deepspeed.initialize``, so the schedule is ours exactly.
     """
     zero: dict[str, Any] = {"stage": train.zero_stage}

@@ -95,7 +95,7 @@ def tokenizer_for(job: TrainJobConfig, run_dir: Path, log: Any, start: Resolved 
         start = start or start_from(job)
         if start.tokenizer is None:
             raise ConfigError(f"init_from={job.init_from} has no tokenizer: set data.tokenizer")
-        path = start.tokenizer
+        path = start.portable_tokenizer  # workers on other nodes load it too: not this machine's copy
         log(f"tokenizer: {path}, the one of init_from")
     else:
         path = str(run_dir / "tokenizer")
@@ -104,7 +104,7 @@ def tokenizer_for(job: TrainJobConfig, run_dir: Path, log: Any, start: Resolved 
         else:
             log(f"tokenizer: training a {job.model.vocab_size}-entry byte-level BPE offline on data.sources")
             train_from_sources(job.data.sources, job.model.vocab_size, path)
-    if Path(path).exists():
+    if not storage.is_uri(path) and Path(path).exists():
         path = str(Path(path).resolve())  # workers run elsewhere: a relative path would not reach them
     try:
         check_vocab(load_tokenizer(path), job.model.vocab_size)

@@ -19,10 +19,21 @@ NAME = "evaluate"
 def build(ctx: Context) -> Stage:
     p = ctx.plan
     cfg = p.cfg
-    settings = {**cfg.evaluation.model_dump(mode="json"), "prompts": cfg.prompts,
-                "sampling": cfg.sampling.model_dump(mode="json")}  # fmt: skip
+    settings = {**_evaluation_settings(cfg), "prompts": cfg.prompts, "sampling": cfg.sampling.model_dump(mode="json")}
     run = lambda: make(cfg, p.run_dir, p.export_uri, ctx.run_id, p.tracking_uri)  # noqa: E731
     return Stage(NAME, ("export",), [str(p.run_dir / "eval")], settings, run, uses_ray=True)
+
+
+SAMPLING_KEYS_ADDED = ("top_k", "top_p", "seed", "stop")
+"""Keys the evaluation section gained from :class:`SamplingConfig`: hashed only when set to other than their
+defaults, so a finished evaluate stage of an unchanged config stays finished."""
+
+
+def _evaluation_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    ev = cfg.evaluation
+    defaults = type(ev)()
+    unset = {k for k in SAMPLING_KEYS_ADDED if getattr(ev, k) == getattr(defaults, k)}
+    return ev.model_dump(mode="json", exclude=unset)
 
 
 def _prompts(cfg: PipelineConfig, checkpoint: str, out: Path) -> dict[str, Any]:
